@@ -1,0 +1,206 @@
+"""``vscsid``: the daemon's command line.
+
+Follows the conventions for vhost-user back-end programs in QEMU's
+docs/interop/vhost-user.rst: ``--socket-path`` / ``--fd`` / ``--print-capabilities``,
+no self-daemonizing, clean exit on SIGTERM.
+
+Exit codes: 0 success, 1 runtime failure, 2 bad usage or configuration (a
+one-line error on stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import grp
+import json
+import os
+import pwd
+import sys
+
+from . import __version__
+from .config import (
+    DEFAULT_IMAGE_SIZE, DEFAULT_QUEUE_SIZE, MAX_QUEUE_SIZE, ConfigError, DaemonConfig, LunSpec,
+    check_lun_path, parse_size,
+)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        sys.stderr.write(f"vscsid: error: {message}\n")
+        sys.exit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="vscsid", description="vhost-user SCSI device daemon: serves virtio-scsi "
+                "disks backed by files or block devices to QEMU guests.")
+    p.add_argument("--version", action="version", version=f"vscsid {__version__}")
+    src = p.add_argument_group("vhost-user socket")
+    src.add_argument("--socket-path", metavar="PATH", help="listen on this unix socket (created)")
+    src.add_argument("--fd", type=int, metavar="N", help="use the inherited listening socket fd N")
+    src.add_argument("--print-capabilities", action="store_true",
+                     help="print the back-end capabilities as JSON and exit")
+    src.add_argument("--socket-mode", default="0600", metavar="MODE",
+                     help="permissions of the created socket (octal, default 0600)")
+    src.add_argument("--socket-owner", metavar="USER", help="owner of the created socket")
+    src.add_argument("--socket-group", metavar="GROUP", help="group of the created socket")
+    dev = p.add_argument_group("device")
+    dev.add_argument("--lun", action="append", default=[], metavar="SPEC",
+                     help="FILE[,ro][,blocksize=512|4096][,serial=S][,rotational][,cache=MODE]"
+                          "[,delay_us=N] — repeat for LUN 0, 1, 2 … of target 0; FILE may be "
+                          "null:SIZE. Without --lun a sparse default image is used.")
+    dev.add_argument("--default-image", metavar="PATH",
+                     default=os.environ.get("VSCSID_DEFAULT_IMAGE", "/var/tmp/vscsid-default.img"),
+                     help="image created (sparse, 1 GiB) and used as LUN 0 when no --lun is given")
+    dev.add_argument("--num-queues", type=int, default=1, metavar="N",
+                     help="request virtqueues, one worker process each (default 1)")
+    dev.add_argument("--queue-size", type=int, default=DEFAULT_QUEUE_SIZE, metavar="N",
+                     help=f"maximum virtqueue size, a power of two <= {MAX_QUEUE_SIZE} "
+                          f"(default {DEFAULT_QUEUE_SIZE})")
+    lg = p.add_argument_group("logging")
+    lg.add_argument("--log-format", choices=("json", "console", "auto"), default="auto",
+                    help="console when stderr is a terminal, else JSON (default)")
+    lg.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    lg.add_argument("--log-file", metavar="PATH", help="log to this file (SIGHUP reopens it)")
+    lg.add_argument("--quiet", action="store_true", help="do not print the QEMU command line hint")
+    return p
+
+
+def capabilities() -> dict:
+    return {"type": "scsi"}
+
+
+def qemu_hint(socket_path: str, num_queues: int) -> str:
+    return (
+        "Attach a guest with:\n"
+        "  qemu-system-x86_64 -machine q35,memory-backend=mem -m 1G \\\n"
+        "    -object memory-backend-memfd,id=mem,size=1G,share=on \\\n"
+        f"    -chardev socket,id=vscsi0,path={socket_path} \\\n"
+        f"    -device vhost-user-scsi-pci,chardev=vscsi0,num_queues={num_queues} \\\n"
+        "    ...your kernel/disk options...\n"
+    )
+
+
+def _uid(name: str | None) -> int | None:
+    if name is None:
+        return None
+    if name.isdigit():
+        return int(name)
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        raise ConfigError(f"unknown user {name!r}") from None
+
+
+def _gid(name: str | None) -> int | None:
+    if name is None:
+        return None
+    if name.isdigit():
+        return int(name)
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ConfigError(f"unknown group {name!r}") from None
+
+
+def ensure_default_image(path: str, size: int = DEFAULT_IMAGE_SIZE) -> None:
+    """Create the embedded default LUN: a sparse file (no blocks allocated)."""
+    if os.path.exists(path):
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def parse_config(argv: list[str] | None) -> tuple[DaemonConfig, argparse.Namespace]:
+    args = build_parser().parse_args(argv)
+    if args.print_capabilities:
+        return None, args  # type: ignore[return-value]
+    try:
+        mode = int(args.socket_mode, 8)
+    except ValueError:
+        raise ConfigError(f"--socket-mode {args.socket_mode!r} is not an octal mode") from None
+    if not 0 <= mode <= 0o777:
+        raise ConfigError("--socket-mode must be between 000 and 777")
+    specs = tuple(LunSpec.parse(text) for text in args.lun)
+    if not specs:
+        try:
+            ensure_default_image(args.default_image)
+        except OSError as exc:
+            raise ConfigError(f"cannot create default image {args.default_image!r}: "
+                              f"{exc.strerror}") from None
+        specs = (LunSpec(path=args.default_image),)
+    for spec in specs:
+        check_lun_path(spec)
+    if args.fd is not None and args.fd < 0:
+        raise ConfigError("--fd must be a non-negative file descriptor")
+    cfg = DaemonConfig(
+        socket_path=args.socket_path, listen_fd=args.fd, luns=specs, num_queues=args.num_queues,
+        queue_size=args.queue_size, log_format=args.log_format, log_level=args.log_level,
+        socket_mode=mode, socket_owner=_uid(args.socket_owner),
+        socket_group=_gid(args.socket_group),
+    )
+    return cfg, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, args = parse_config(argv)
+    except ConfigError as exc:
+        sys.stderr.write(f"vscsid: error: {exc}\n")
+        return EXIT_USAGE
+    if args.print_capabilities:
+        print(json.dumps(capabilities()))
+        return EXIT_OK
+
+    from . import log as vlog
+    from .osops import OsOps, SocketPathError
+
+    vlog.setup(cfg.log_format, cfg.log_level, path=args.log_file, component="supervisor",
+               pid=os.getpid())
+    ops = OsOps()
+    try:
+        if cfg.socket_path is not None:
+            listener = ops.listen_unix(cfg.socket_path, mode=cfg.socket_mode,
+                                       owner=cfg.socket_owner, group=cfg.socket_group)
+        else:
+            listener = ops.socket_from_fd(cfg.listen_fd)
+    except (SocketPathError, OSError) as exc:
+        sys.stderr.write(f"vscsid: error: {exc}\n")
+        return EXIT_USAGE
+
+    from .supervisor import LunTable, Supervisor
+
+    try:
+        luns = LunTable(cfg.luns, ops)
+    except OSError as exc:
+        listener.close()
+        if cfg.socket_path:
+            ops.unlink(cfg.socket_path)
+        sys.stderr.write(f"vscsid: error: cannot open LUN: {exc}\n")
+        return EXIT_USAGE
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(f"vscsid: supervisor {cfg.socket_path or f'fd {cfg.listen_fd}'}")
+    except ImportError:
+        pass
+    if cfg.socket_path and not args.quiet:
+        print(qemu_hint(cfg.socket_path, cfg.num_queues), flush=True)
+
+    import uvloop
+
+    sup = Supervisor(cfg, listener, luns, ops)
+    try:
+        return uvloop.run(sup.run())
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

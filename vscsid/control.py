@@ -1,0 +1,278 @@
+"""The control (vq 0) and event (vq 1) virtqueues, served by the supervisor.
+
+Control queue requests (virtio spec 5.6.6.2)::
+
+    TMF:  readable {le32 type=0, le32 subtype, u8 lun[8], le64 id}   writable {u8 response}
+    AN:   readable {le32 type=1|2, u8 lun[8], le32 event_requested} writable {le32 event_actual, u8 response}
+
+Task management is answered after every worker has confirmed that no
+matching command is still running (workers complete requests between control
+messages, and report what they still have in flight). We support no
+asynchronous notification events, so AN queries and subscriptions are
+answered with ``event_actual = 0`` and OK.
+
+The event queue's buffers are kept (not consumed) until there is an event to
+report: the kick eventfd is only drained.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+from typing import TYPE_CHECKING
+
+from . import log as vlog
+from .device import FIRST_REQUEST_QUEUE, RingState
+from .memory import GuestMemoryError
+from .workerpool import WorkerGone
+
+from vscsid.workers.request import (
+    LUN_BAD_TARGET, S_BAD_TARGET, S_FUNCTION_REJECTED, S_FUNCTION_SUCCEEDED, S_OK,
+    WLUN_REPORT_LUNS, decode_lun, gather, scatter,
+)
+from vscsid.workers.virtqueue import ChainError, RingError, SplitQueue
+
+if TYPE_CHECKING:
+    from .supervisor import Session
+
+CTRL_TYPE = struct.Struct("<I")
+TMF_REQ = struct.Struct("<II8sQ")        # type, subtype, lun, id
+AN_REQ = struct.Struct("<I8sI")          # type, lun, event_requested
+AN_RESP = struct.Struct("<IB")           # event_actual, response
+
+T_TMF = 0
+T_AN_QUERY = 1
+T_AN_SUBSCRIBE = 2
+
+TMF_ABORT_TASK = 0
+TMF_ABORT_TASK_SET = 1
+TMF_CLEAR_ACA = 2
+TMF_CLEAR_TASK_SET = 3
+TMF_I_T_NEXUS_RESET = 4
+TMF_LOGICAL_UNIT_RESET = 5
+TMF_QUERY_TASK = 6
+TMF_QUERY_TASK_SET = 7
+
+TMF_NAMES = {
+    TMF_ABORT_TASK: "abort_task", TMF_ABORT_TASK_SET: "abort_task_set",
+    TMF_CLEAR_ACA: "clear_aca", TMF_CLEAR_TASK_SET: "clear_task_set",
+    TMF_I_T_NEXUS_RESET: "i_t_nexus_reset", TMF_LOGICAL_UNIT_RESET: "logical_unit_reset",
+    TMF_QUERY_TASK: "query_task", TMF_QUERY_TASK_SET: "query_task_set",
+}
+
+
+class _Ring:
+    def __init__(self, state: RingState, desc: int, avail: int, used: int):
+        self.state = state
+        self.desc, self.avail, self.used = desc, avail, used
+        self.queue: SplitQueue | None = None
+        self.last_avail = state.base
+
+
+class ControlQueues:
+    def __init__(self, session: "Session"):
+        self.session = session
+        self.loop = session.loop
+        self.log = vlog.get(conn=session.conn_id, vq=0)
+        self.lock = asyncio.Lock()
+        self.rings: dict[int, _Ring] = {}
+        self._task: asyncio.Task | None = None
+        self._again = False
+        self.stats = {"tmf": 0, "an": 0, "bad": 0}
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, state: RingState, desc: int, avail: int, used: int) -> None:
+        ring = _Ring(state, desc, avail, used)
+        self.rings[state.index] = ring
+        self._build(ring)
+        self._watch_kick(ring)
+        if state.index == 0:
+            self._schedule()
+
+    def _build(self, ring: _Ring) -> None:
+        mem = self.session.mem
+        ring.queue = SplitQueue(mem, ring.state.num, ring.desc, ring.avail, ring.used,
+                                event_idx=self.session.device.event_idx,
+                                last_avail=ring.last_avail)
+
+    def _watch_kick(self, ring: _Ring) -> None:
+        fd = ring.state.kick_fd
+        os.set_blocking(fd, False)
+        self.loop.add_reader(fd, self._on_kick, ring.state.index, fd)
+
+    def _on_kick(self, index: int, fd: int) -> None:
+        try:
+            os.eventfd_read(fd)
+        except (BlockingIOError, OSError):
+            pass
+        if index == 0:
+            self._schedule()
+        # Event queue: the driver added buffers; we keep them for future events.
+
+    def set_kick(self, state: RingState) -> None:
+        ring = self.rings.get(state.index)
+        if ring is None:
+            return
+        self._unwatch(ring)
+        self._watch_kick(ring)
+
+    def _unwatch(self, ring: _Ring) -> None:
+        try:
+            self.loop.remove_reader(ring.state.kick_fd)
+        except (ValueError, OSError):
+            pass
+
+    def set_call(self, state: RingState) -> None:
+        if state.call_fd >= 0 and state.index == 0:
+            os.eventfd_write(state.call_fd, 1)   # do not leave a completion unsignalled
+
+    def set_enabled(self, state: RingState) -> None:
+        if state.enabled and state.index == 0:
+            self._schedule()
+
+    async def stop(self, state: RingState) -> int:
+        ring = self.rings.pop(state.index, None)
+        if ring is None:
+            return state.base
+        self._unwatch(ring)
+        async with self.lock:
+            last = ring.queue.last_avail if ring.queue is not None else ring.last_avail
+            if ring.queue is not None:
+                ring.queue.release()
+                ring.queue = None
+        return last
+
+    def release_views(self) -> None:
+        for ring in self.rings.values():
+            if ring.queue is not None:
+                ring.last_avail = ring.queue.last_avail
+                ring.queue.release()
+                ring.queue = None
+
+    def rebuild_views(self) -> None:
+        for ring in self.rings.values():
+            try:
+                self._build(ring)
+            except RingError as exc:
+                self.log.error("ring_unmappable_after_memory_change", ring=ring.state.index,
+                               reason=str(exc))
+
+    def close(self) -> None:
+        for ring in list(self.rings.values()):
+            self._unwatch(ring)
+            if ring.queue is not None:
+                ring.queue.release()
+        self.rings.clear()
+        if self._task is not None:
+            self._task.cancel()
+
+    # ------------------------------------------------------------------ control queue
+    def _schedule(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._again = True
+            return
+        self._task = self.loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        async with self.lock:
+            while True:
+                self._again = False
+                ring = self.rings.get(0)
+                if ring is None or ring.queue is None or not ring.state.enabled:
+                    return
+                try:
+                    await self._drain(ring)
+                except RingError as exc:
+                    self.log.error("ring_broken", reason=str(exc))
+                    return
+                if not self._again:
+                    return
+
+    async def _drain(self, ring: _Ring) -> None:
+        while True:
+            q = ring.queue
+            if q is None:
+                return
+            q.disable_kicks()
+            heads = q.pop_heads()
+            for head in heads:
+                try:
+                    chain = q.walk(head)
+                except ChainError as exc:
+                    self.stats["bad"] += 1
+                    self.log.warning("bad_descriptor_chain", head=head, reason=exc.reason)
+                    q.push(head, 0)
+                    continue
+                written = await self._handle(chain)
+                q.push(head, written)
+            if heads:
+                q.publish()
+                if q.should_notify() and ring.state.call_fd >= 0:
+                    os.eventfd_write(ring.state.call_fd, 1)
+            if not q.enable_kicks():
+                return
+
+    async def _handle(self, chain) -> int:
+        if chain.out_len < 4:
+            self.stats["bad"] += 1
+            self.log.warning("control_request_too_short", readable=chain.out_len)
+            return 0
+        kind = CTRL_TYPE.unpack(gather(chain.out, 4))[0]
+        if kind == T_TMF:
+            if chain.out_len < TMF_REQ.size or chain.in_len < 1:
+                self.stats["bad"] += 1
+                self.log.warning("tmf_request_too_short", readable=chain.out_len,
+                                 writable=chain.in_len)
+                return 0
+            _t, subtype, lun, tag = TMF_REQ.unpack(gather(chain.out, TMF_REQ.size))
+            response = await self.task_management(subtype, lun, tag)
+            scatter(chain.in_, bytes([response]))
+            self.stats["tmf"] += 1
+            return 1
+        if kind in (T_AN_QUERY, T_AN_SUBSCRIBE):
+            if chain.out_len < AN_REQ.size or chain.in_len < AN_RESP.size:
+                self.stats["bad"] += 1
+                self.log.warning("an_request_too_short", readable=chain.out_len,
+                                 writable=chain.in_len)
+                return 0
+            _t, lun, requested = AN_REQ.unpack(gather(chain.out, AN_REQ.size))
+            number = decode_lun(lun)
+            response = S_BAD_TARGET if number == LUN_BAD_TARGET else S_OK
+            scatter(chain.in_, AN_RESP.pack(0, response))
+            self.stats["an"] += 1
+            self.log.info("async_notification_request",
+                          kind="query" if kind == T_AN_QUERY else "subscribe",
+                          requested=hex(requested), supported=0)
+            return AN_RESP.size
+        self.stats["bad"] += 1
+        self.log.warning("unknown_control_request", type=kind)
+        return 0
+
+    async def task_management(self, subtype: int, lun_bytes: bytes, tag: int) -> int:
+        name = TMF_NAMES.get(subtype, f"unknown({subtype})")
+        number = decode_lun(lun_bytes)
+        sup = self.session.sup
+        if number == LUN_BAD_TARGET or (number != WLUN_REPORT_LUNS
+                                        and number >= len(sup.luns.specs)):
+            self.log.warning("tmf_bad_lun", tmf=name, lun=lun_bytes.hex())
+            return S_BAD_TARGET
+        if subtype not in TMF_NAMES or subtype == TMF_CLEAR_ACA:
+            self.log.warning("tmf_rejected", tmf=name, lun=number)
+            return S_FUNCTION_REJECTED
+        scope_lun = None if subtype == TMF_I_T_NEXUS_RESET else number
+        # Every worker answers only after finishing what it was doing, and says
+        # whether a matching command is still in flight (queued I/O).
+        found = False
+        for w in sup.workers:
+            if w.chan is None:
+                continue
+            try:
+                rep = await w.request("tmf", kind=name, lun=scope_lun, tag=tag, timeout=30)
+            except (WorkerGone, asyncio.TimeoutError) as exc:
+                self.log.error("tmf_worker_unreachable", tmf=name, queue=w.queue, error=str(exc))
+                continue
+            found = found or bool(rep.get("found"))
+        self.log.info("task_management", tmf=name, lun=number, tag=tag, found=found)
+        if subtype in (TMF_QUERY_TASK, TMF_QUERY_TASK_SET):
+            return S_FUNCTION_SUCCEEDED if found else S_OK
+        return S_OK

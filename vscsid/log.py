@@ -1,0 +1,95 @@
+"""Structured logging with structlog: JSON lines (default when stderr is not a
+terminal) or a human console format. The supervisor and every worker call
+:func:`setup` with the same settings; context (``conn``, ``queue``, ``worker``,
+``lun``) is bound on the loggers that need it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import structlog
+
+LEVELS = ("debug", "info", "warning", "error", "critical")
+
+_state: dict[str, Any] = {"stream": None, "path": None, "format": "json", "level": "info"}
+
+
+class _ReopenableStream:
+    """stderr, or a log file that SIGHUP can reopen (log rotation)."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self._f = None
+        self.reopen()
+
+    def reopen(self) -> None:
+        if self.path is None:
+            self._f = sys.stderr
+            return
+        old = self._f
+        self._f = open(self.path, "a", buffering=1, encoding="utf-8")
+        if old is not None and old is not sys.stderr:
+            old.close()
+
+    def write(self, s: str) -> int:
+        return self._f.write(s)
+
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def resolve_format(fmt: str) -> str:
+    if fmt == "auto":
+        return "console" if sys.stderr.isatty() else "json"
+    return fmt
+
+
+def setup(fmt: str = "auto", level: str = "info", path: str | None = None, **context: Any) -> None:
+    fmt = resolve_format(fmt)
+    if level not in LEVELS:
+        raise ValueError(f"bad log level {level!r}")
+    stream = _ReopenableStream(path)
+    _state.update(stream=stream, path=path, format=fmt, level=level)
+    processors: list = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
+    ]
+    if fmt == "json":
+        processors.append(structlog.processors.JSONRenderer(sort_keys=False))
+    else:
+        processors.append(structlog.dev.ConsoleRenderer(colors=False))
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+    if context:
+        structlog.contextvars.bind_contextvars(**context)
+
+
+def reopen() -> None:
+    stream = _state.get("stream")
+    if stream is not None:
+        stream.reopen()
+
+
+def settings() -> dict:
+    return {"format": _state["format"], "level": _state["level"], "path": _state["path"]}
+
+
+def get(**context: Any):
+    return structlog.get_logger().bind(**context) if context else structlog.get_logger()
+
+
+def pid() -> int:
+    return os.getpid()

@@ -1,0 +1,790 @@
+"""The supervisor: owns the vhost-user socket, the guest memory table and the workers.
+
+It runs a uvloop event loop that
+
+* accepts one front-end connection at a time on the vhost-user socket and, for
+  each, runs a :class:`Session` that parses messages with the sans-IO codec,
+  validates them against :class:`~vscsid.device.DeviceState` and applies them;
+* spawns one worker per request virtqueue at start-up, hands each its LUNs,
+  then per connection the guest memory and its ring, and watches them;
+* serves the control and event virtqueues itself (:mod:`vscsid.control`).
+
+When a front end disconnects, the session's rings are stopped, its memory
+unmapped, and the daemon waits for the next connection.
+"""
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import signal
+import socket
+import stat
+import struct
+from typing import Any
+
+from . import ipc
+from . import log as vlog
+from .config import DaemonConfig, LunSpec
+from .control import ControlQueues
+from .device import (
+    FIRST_REQUEST_QUEUE, STATUS_NEEDS_RESET, DeviceState, Rejected, RingState, ScsiConfig,
+)
+from .memory import GuestMemory, GuestMemoryError, RegionSpec
+from .osops import OsOps
+from .protocol import (
+    MAX_FDS, BackendCodec, ConfigPayload, Empty, Message, MemoryTable, ProtocolError,
+    ProtocolFeature, Request, U64Payload, VringAddr, VringFile, VringState,
+)
+from .workerpool import WorkerGone, WorkerHandle, WState, describe_exit
+
+BLKGETSIZE64 = 0x80081272
+RECV_SIZE = 65536
+
+
+# ---------------------------------------------------------------------------- LUNs
+
+class LunTable:
+    """The LUNs the supervisor opened once; fds are handed to every worker."""
+
+    def __init__(self, specs: tuple[LunSpec, ...], ops: OsOps):
+        self.specs = specs
+        self.fds: list[int] = []
+        self.sizes: list[int] = []
+        self.ops = ops
+        for spec in specs:
+            if spec.is_null:
+                self.fds.append(-1)
+                self.sizes.append(spec.null_size)
+                continue
+            fd = ops.open_lun(spec.path, spec.readonly, spec.direct)
+            self.fds.append(fd)
+            self.sizes.append(_fd_size(fd))
+        # One byte of shared per-LUN state (write cache enable) for all workers.
+        self.state_fd = ops.memfd("vscsid-lun-state", 4096)
+        self.state_mm = ops.map_shared(self.state_fd, 4096)
+        for i, spec in enumerate(specs):
+            self.state_mm[i] = 0 if spec.writethrough else 1
+
+    def worker_config(self) -> tuple[list[dict], list[int]]:
+        entries = []
+        fds = []
+        for i, spec in enumerate(self.specs):
+            entries.append({"lun": i, "spec": spec.as_dict(), "info": disk_info(spec, i, self.sizes[i])})
+            if self.fds[i] >= 0:
+                fds.append(self.fds[i])
+        fds.append(self.state_fd)
+        return entries, fds
+
+    def close(self) -> None:
+        for fd in self.fds:
+            if fd >= 0:
+                self.ops.close(fd)
+        self.state_mm.close()
+        self.ops.close(self.state_fd)
+
+
+def _fd_size(fd: int) -> int:
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
+        return struct.unpack("<Q", buf)[0]
+    return st.st_size
+
+
+def disk_info(spec: LunSpec, index: int, size: int) -> dict:
+    """The static identity of a LUN (what the SCSI target reports), as plain data."""
+    from hashlib import sha256
+
+    serial = spec.effective_serial(index)
+    # NAA IEEE Registered (6): 4-bit NAA, 24-bit OUI, 36-bit vendor id + 64-bit extension.
+    # We use a locally administered-looking value derived from the serial.
+    digest = sha256(serial.encode()).digest()
+    naa = bytes([0x60 | (digest[0] & 0x0F)]) + digest[1:16]
+    return {
+        "block_size": spec.block_size,
+        "num_blocks": size // spec.block_size,
+        "readonly": spec.readonly,
+        "serial": serial,
+        "rotational": spec.rotational,
+        "vendor": spec.vendor,
+        "product": spec.product,
+        "device_id": naa.hex(),
+        "write_cache": not spec.writethrough,
+        "discard": spec.discard,
+    }
+
+
+# ---------------------------------------------------------------------------- session
+
+class SessionClosed(Exception):
+    pass
+
+
+class Session:
+    """One front-end connection."""
+
+    def __init__(self, sup: "Supervisor", sock: socket.socket, conn_id: int):
+        self.sup = sup
+        self.sock = sock
+        self.conn_id = conn_id
+        self.loop = sup.loop
+        self.ops = sup.ops
+        self.log = vlog.get(conn=conn_id)
+        self.codec = BackendCodec(close_fd=self.ops.close)
+        self.device = DeviceState(
+            num_request_queues=sup.cfg.num_queues,
+            max_queue_size=sup.cfg.queue_size,
+            config=ScsiConfig(num_queues=sup.cfg.num_queues,
+                              seg_max=sup.cfg.seg_max or max(1, sup.cfg.queue_size - 2),
+                              max_sectors=sup.cfg.max_sectors, cmd_per_lun=sup.cfg.cmd_per_lun),
+        )
+        self.mem: GuestMemory | None = None
+        self.mem_fds: list[int] = []
+        self.mem_generation = 0
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.closed = asyncio.Event()
+        self.control = ControlQueues(self)
+        self._warned_features = False
+
+    # ------------------------------------------------------------------ I/O
+    def start(self) -> asyncio.Task:
+        self.sock.setblocking(False)
+        self.loop.add_reader(self.sock.fileno(), self._on_readable)
+        return self.loop.create_task(self._process())
+
+    def _on_readable(self) -> None:
+        try:
+            data, anc, flags, _ = self.sock.recvmsg(
+                RECV_SIZE, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.log.warning("connection_error", error=str(exc))
+            self._eof()
+            return
+        fds: list[int] = []
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % 4
+                fds.extend(struct.unpack(f"{usable // 4}i", payload[:usable]))
+        if flags & socket.MSG_CTRUNC:
+            for fd in fds:
+                self.ops.close(fd)
+            self.log.error("protocol_error", reason="too many fds attached (control data truncated)")
+            self._eof()
+            return
+        if not data:
+            for fd in fds:
+                self.ops.close(fd)
+            self._eof()
+            return
+        self.codec.feed(data, fds)
+        while True:
+            try:
+                msg = self.codec.next_message()
+            except ProtocolError as err:
+                self.queue.put_nowait(err)
+                if err.fatal:
+                    self._stop_reading()
+                    return
+                continue
+            if msg is None:
+                break
+            self.queue.put_nowait(msg)
+
+    def _stop_reading(self) -> None:
+        try:
+            self.loop.remove_reader(self.sock.fileno())
+        except (ValueError, OSError):
+            pass
+
+    def _eof(self) -> None:
+        self._stop_reading()
+        self.queue.put_nowait(None)
+
+    async def _send(self, data: bytes) -> None:
+        try:
+            await self.loop.sock_sendall(self.sock, data)
+        except OSError as exc:
+            self.log.warning("reply_failed", error=str(exc))
+
+    async def _process(self) -> None:
+        try:
+            while True:
+                item = await self.queue.get()
+                if item is None:
+                    self.log.info("frontend_disconnected")
+                    break
+                if isinstance(item, ProtocolError):
+                    self.log.error("protocol_error", reason=item.reason, request=item.request_name,
+                                   fatal=item.fatal, **item.detail)
+                    if item.fatal:
+                        break
+                    if item.need_reply:
+                        await self._send(BackendCodec.encode_ack(item.request or 0, ok=False))
+                    continue
+                await self._dispatch(item)
+        finally:
+            await self.teardown()
+
+    # ------------------------------------------------------------------ dispatch
+    async def _dispatch(self, msg: Message) -> None:
+        handler = getattr(self, f"_h_{Request(msg.request).name.lower()}", None)
+        reply_ack = msg.need_reply and self.device.has_protocol(ProtocolFeature.REPLY_ACK)
+        if handler is None:
+            for fd in msg.fds:
+                self.ops.close(fd)
+            self.log.warning("unsupported_request", request=msg.name)
+            if msg.need_reply:
+                await self._send(BackendCodec.encode_ack(msg.request, ok=False))
+            return
+        self.log.debug("request", request=msg.name, payload=repr(msg.payload))
+        try:
+            reply = await handler(msg)
+        except Rejected as exc:
+            for fd in msg.fds:
+                self.ops.close(fd)
+            self.log.warning("request_rejected", request=msg.name, reason=str(exc))
+            reply = _NACK
+        except (GuestMemoryError, WorkerGone) as exc:
+            for fd in msg.fds:
+                self.ops.close(fd)
+            self.log.error("request_failed", request=msg.name, reason=str(exc))
+            reply = _NACK
+        if reply is _NACK:
+            kind = _REPLY_ON_ERROR.get(msg.request)
+            if kind is not None:
+                await self._send(BackendCodec.encode_reply(msg.request, kind(msg)))
+            elif reply_ack:
+                await self._send(BackendCodec.encode_ack(msg.request, ok=False))
+        elif reply is not None:
+            await self._send(BackendCodec.encode_reply(msg.request, reply))
+        elif reply_ack:
+            await self._send(BackendCodec.encode_ack(msg.request, ok=True))
+
+    # -- features and ownership
+    async def _h_get_features(self, msg):
+        return U64Payload(self.device.offered_features)
+
+    async def _h_set_features(self, msg):
+        unknown = self.device.set_features(msg.payload.value)
+        if unknown and not self._warned_features:
+            self._warned_features = True
+            self.log.info("features_not_offered_ignored", bits=hex(unknown))
+        self.log.info("features_set", features=hex(self.device.acked_features),
+                      event_idx=self.device.event_idx)
+        return None
+
+    async def _h_get_protocol_features(self, msg):
+        return U64Payload(self.device.offered_protocol_features)
+
+    async def _h_set_protocol_features(self, msg):
+        self.device.set_protocol_features(msg.payload.value)
+        self.log.info("protocol_features_set", features=hex(msg.payload.value))
+        return None
+
+    async def _h_set_owner(self, msg):
+        self.device.owner = True
+        return None
+
+    async def _h_reset_owner(self, msg):
+        await self._reset("RESET_OWNER")
+        return None
+
+    async def _h_reset_device(self, msg):
+        await self._reset("RESET_DEVICE")
+        return None
+
+    async def _reset(self, why: str) -> None:
+        for ring in self.device.rings:
+            if ring.started:
+                await self._stop_ring(ring)
+            for fd in ring.fds():
+                self.ops.close(fd)
+        self.device.reset()
+        self.log.info("device_reset", reason=why)
+
+    async def _h_get_queue_num(self, msg):
+        return U64Payload(self.device.num_rings)
+
+    async def _h_get_status(self, msg):
+        return U64Payload(self.device.status)
+
+    async def _h_set_status(self, msg):
+        value = msg.payload.value
+        if value > 0xFF:
+            raise Rejected(f"status {value:#x} does not fit 8 bits")
+        self.device.status = value
+        return None
+
+    # -- config space
+    async def _h_get_config(self, msg):
+        p = msg.payload
+        try:
+            data = self.device.read_config(p.offset, p.size)
+        except Rejected as exc:
+            self.log.warning("request_rejected", request=msg.name, reason=str(exc))
+            return ConfigPayload(p.offset, 0, p.flags, b"")
+        return ConfigPayload(p.offset, p.size, p.flags, data)
+
+    async def _h_set_config(self, msg):
+        p = msg.payload
+        self.device.write_config(p.offset, p.data, p.flags)
+        await self._push_params()
+        return None
+
+    async def _push_params(self) -> None:
+        cfg = self.device.config
+        for w in self.sup.workers:
+            if w.chan is not None:
+                await w.request("params", cdb_size=cfg.cdb_size, sense_size=cfg.sense_size)
+
+    # -- memory
+    async def _h_set_mem_table(self, msg):
+        table: MemoryTable = msg.payload
+        specs = [RegionSpec(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
+                 for r in table.regions]
+        fds = msg.fds
+        try:
+            new = GuestMemory.map(specs, fds, max_regions=8, generation=self.mem_generation + 1)
+        except GuestMemoryError:
+            for fd in fds:
+                self.ops.close(fd)
+            raise
+        old, old_fds = self.mem, self.mem_fds
+        self.mem_generation += 1
+        async with self.control.lock:
+            self.control.release_views()
+            self.mem, self.mem_fds = new, list(fds)
+            self.control.rebuild_views()
+        await self._send_memory_to_workers()
+        if old is not None:
+            _close_memory(old)
+        for fd in old_fds:
+            self.ops.close(fd)
+        self.log.info("memory_table_set", generation=self.mem_generation,
+                      regions=[r for r in new.region_info()])
+        return None
+
+    async def _send_memory_to_workers(self, workers=None) -> None:
+        if self.mem is None:
+            return
+        regions = [s.as_dict() for s in self.mem.specs()]
+        targets = [w for w in (workers or self.sup.workers) if w.chan is not None]
+        results = await asyncio.gather(*(
+            w.request("mem", self.mem_fds, regions=regions, generation=self.mem_generation)
+            for w in targets), return_exceptions=True)
+        for w, res in zip(targets, results):
+            if isinstance(res, BaseException) or not res.get("ok"):
+                self.log.error("worker_memory_failed", queue=w.queue,
+                               error=str(res) if isinstance(res, BaseException) else res.get("error"))
+
+    # -- rings
+    async def _h_set_vring_num(self, msg):
+        self.device.set_vring_num(msg.payload.index, msg.payload.num)
+        return None
+
+    async def _h_set_vring_base(self, msg):
+        self.device.set_vring_base(msg.payload.index, msg.payload.num)
+        return None
+
+    async def _h_set_vring_addr(self, msg):
+        p: VringAddr = msg.payload
+        ring = self.device.ring(p.index)
+        if ring.started:
+            raise Rejected(f"ring {p.index} is started; its addresses cannot change")
+        if p.flags & ~VringAddr.F_LOG:
+            raise Rejected(f"unknown vring address flags {p.flags:#x}")
+        if p.flags & VringAddr.F_LOG:
+            raise Rejected("dirty logging requested but not offered")
+        ring.desc_uva, ring.used_uva, ring.avail_uva = p.desc_user_addr, p.used_user_addr, p.avail_user_addr
+        ring.log_guest_addr, ring.addr_flags = p.log_guest_addr, p.flags
+        ring.addr_set = True
+        if self.mem is not None and ring.num:
+            self._ring_gpas(ring)     # validate now, while the front end can still hear a NACK
+        return None
+
+    def _ring_gpas(self, ring: RingState) -> tuple[int, int, int]:
+        if self.mem is None:
+            raise Rejected(f"ring {ring.index}: no memory table yet")
+        if not ring.num:
+            raise Rejected(f"ring {ring.index}: size not set")
+        if not ring.addr_set:
+            raise Rejected(f"ring {ring.index}: addresses not set")
+        n = ring.num
+        try:
+            desc = self.mem.uva_to_gpa(ring.desc_uva, 16 * n)
+            avail = self.mem.uva_to_gpa(ring.avail_uva, 6 + 2 * n)
+            used = self.mem.uva_to_gpa(ring.used_uva, 6 + 8 * n)
+        except GuestMemoryError as exc:
+            raise Rejected(f"ring {ring.index}: {exc}") from None
+        if desc % 16 or avail % 2 or used % 4:
+            raise Rejected(f"ring {ring.index}: misaligned ring addresses")
+        return desc, avail, used
+
+    async def _h_get_vring_base(self, msg):
+        ring = self.device.ring(msg.payload.index)
+        last = await self._stop_ring(ring)
+        return VringState(ring.index, last)
+
+    async def _stop_ring(self, ring: RingState) -> int:
+        """Stop a ring; returns the next available index to process."""
+        last = ring.base
+        if ring.started:
+            if ring.index < FIRST_REQUEST_QUEUE:
+                last = await self.control.stop(ring)
+            else:
+                w = self.sup.worker_for(ring.index)
+                try:
+                    rep = await w.request("stop")
+                    if rep.get("ok"):
+                        last = int(rep["last_avail"])
+                except WorkerGone as exc:
+                    self.log.error("ring_stop_without_worker", ring=ring.index, error=str(exc))
+                    last = self.sup.last_known_avail.get(ring.index, ring.base)
+            ring.started = False
+            ring.base = last
+            self.log.info("ring_stopped", ring=ring.index, last_avail=last)
+        if ring.kick_fd >= 0:
+            self.ops.close(ring.kick_fd)
+            ring.kick_fd = -1
+        return last
+
+    async def _h_set_vring_kick(self, msg):
+        p: VringFile = msg.payload
+        ring = self.device.ring(p.index)
+        if p.nofd:
+            raise Rejected(f"ring {p.index}: polling mode (no kick fd) is not supported")
+        fd = msg.fds[0]
+        if ring.started:
+            # A new kick fd for a running ring: swap it.
+            if ring.kick_fd >= 0:
+                self.ops.close(ring.kick_fd)
+            ring.kick_fd = fd
+            if ring.index < FIRST_REQUEST_QUEUE:
+                self.control.set_kick(ring)
+            else:
+                await self.sup.worker_for(ring.index).request("kick", [fd])
+            return None
+        ring.kick_fd = fd
+        await self._start_ring(ring)
+        return None
+
+    async def _start_ring(self, ring: RingState, resume_from_used: bool = False) -> None:
+        desc, avail, used = self._ring_gpas(ring)
+        if not ring.started:
+            ring.enabled = ring.enabled or self.device.rings_enabled_on_start()
+        if ring.index < FIRST_REQUEST_QUEUE:
+            self.control.start(ring, desc, avail, used)
+            ring.started = True
+            self.log.info("ring_started", ring=ring.index, size=ring.num, base=ring.base)
+            return
+        w = self.sup.worker_for(ring.index)
+        fds = [ring.kick_fd] + ([ring.call_fd] if ring.call_fd >= 0 else [])
+        rep = await w.request("start", fds, size=ring.num, desc=desc, avail=avail, used=used,
+                              last_avail=ring.base, event_idx=self.device.event_idx,
+                              enabled=ring.enabled, has_call=ring.call_fd >= 0,
+                              resume_from_used=resume_from_used)
+        if not rep.get("ok"):
+            raise Rejected(f"ring {ring.index}: worker refused to start: {rep.get('error')}")
+        ring.started = True
+        ring.broken = False
+
+    async def _h_set_vring_call(self, msg):
+        p: VringFile = msg.payload
+        ring = self.device.ring(p.index)
+        fd = -1 if p.nofd else msg.fds[0]
+        if ring.call_fd >= 0:
+            self.ops.close(ring.call_fd)
+        ring.call_fd = fd
+        if ring.started:
+            if ring.index < FIRST_REQUEST_QUEUE:
+                self.control.set_call(ring)
+            else:
+                await self.sup.worker_for(ring.index).request("call", [fd] if fd >= 0 else [])
+        return None
+
+    async def _h_set_vring_err(self, msg):
+        p: VringFile = msg.payload
+        ring = self.device.ring(p.index)
+        fd = -1 if p.nofd else msg.fds[0]
+        if ring.err_fd >= 0:
+            self.ops.close(ring.err_fd)
+        ring.err_fd = fd
+        if ring.started and ring.index >= FIRST_REQUEST_QUEUE:
+            await self.sup.worker_for(ring.index).request("err", [fd] if fd >= 0 else [])
+        return None
+
+    async def _h_set_vring_enable(self, msg):
+        p: VringState = msg.payload
+        ring = self.device.ring(p.index)
+        if p.num not in (0, 1):
+            raise Rejected(f"SET_VRING_ENABLE value {p.num} is not 0 or 1")
+        if not self.device.protocol_features_negotiated and self.device.features_set:
+            raise Rejected("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES")
+        ring.enabled = bool(p.num)
+        if ring.started:
+            if ring.index < FIRST_REQUEST_QUEUE:
+                self.control.set_enabled(ring)
+            else:
+                await self.sup.worker_for(ring.index).request("enable", on=ring.enabled)
+        return None
+
+    async def resume_worker(self, w: WorkerHandle) -> None:
+        """Bring a restarted worker back to where its predecessor was."""
+        if self.mem is None:
+            return
+        await self._send_memory_to_workers([w])
+        cfg = self.device.config
+        await w.request("params", cdb_size=cfg.cdb_size, sense_size=cfg.sense_size)
+        ring = self.device.rings[w.queue + FIRST_REQUEST_QUEUE]
+        if ring.started and ring.kick_fd >= 0:
+            ring.started = False
+            # Requests complete in order, so everything after the used index
+            # that the guest can see is either unanswered or not yet popped:
+            # resuming there replays exactly the lost requests.
+            await self._start_ring(ring, resume_from_used=True)
+            self.log.info("worker_resumed", queue=w.queue, ring=ring.index)
+
+    # ------------------------------------------------------------------ events from workers
+    def on_worker_event(self, worker: WorkerHandle, msg: dict) -> None:
+        if msg.get("event") == "ring_broken":
+            ring = self.device.rings[worker.queue + FIRST_REQUEST_QUEUE]
+            ring.broken = True
+            self.device.status |= STATUS_NEEDS_RESET
+            self.log.error("ring_needs_reset", ring=ring.index, reason=msg.get("reason"))
+
+    # ------------------------------------------------------------------ teardown
+    async def teardown(self) -> None:
+        self._stop_reading()
+        for ring in self.device.rings:
+            try:
+                if ring.started:
+                    await self._stop_ring(ring)
+            except Exception:  # keep tearing down
+                self.log.exception("ring_stop_failed", ring=ring.index)
+            for fd in ring.fds():
+                self.ops.close(fd)
+            ring.kick_fd = ring.call_fd = ring.err_fd = -1
+        self.control.close()
+        if self.mem is not None:
+            _close_memory(self.mem)
+            self.mem = None
+        for fd in self.mem_fds:
+            self.ops.close(fd)
+        self.mem_fds = []
+        self.codec.close()
+        # Workers drop their mappings too, so the guest's memory is released.
+        for w in self.sup.workers:
+            if w.chan is not None:
+                try:
+                    await w.request("unmap", timeout=10)
+                except (WorkerGone, asyncio.TimeoutError):
+                    pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.closed.set()
+        self.log.info("session_closed")
+
+
+def _close_memory(mem: GuestMemory) -> None:
+    try:
+        mem.close()
+    except BufferError:
+        pass
+
+
+class _Nack:
+    pass
+
+
+_NACK = _Nack()
+# Requests whose protocol reply must still be sent, carrying an error marker.
+_REPLY_ON_ERROR = {
+    Request.GET_VRING_BASE: lambda m: VringState(getattr(m.payload, "index", 0), 0),
+    Request.GET_FEATURES: lambda m: U64Payload(0),
+    Request.GET_PROTOCOL_FEATURES: lambda m: U64Payload(0),
+    Request.GET_QUEUE_NUM: lambda m: U64Payload(0),
+    Request.GET_STATUS: lambda m: U64Payload(0),
+    Request.GET_CONFIG: lambda m: ConfigPayload(m.payload.offset, 0, m.payload.flags, b""),
+}
+
+
+# ---------------------------------------------------------------------------- supervisor
+
+class Supervisor:
+    def __init__(self, cfg: DaemonConfig, listener: socket.socket, luns: LunTable,
+                 ops: OsOps | None = None):
+        self.cfg = cfg
+        self.listener = listener
+        self.luns = luns
+        self.ops = ops or OsOps()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.workers: list[WorkerHandle] = []
+        self.session: Session | None = None
+        self.conn_counter = 0
+        self.log = vlog.get()
+        self.stopping = False
+        self.exit_code = 0
+        self.last_known_avail: dict[int, int] = {}
+        self._stop_event: asyncio.Event | None = None
+        self._signal_queue: list[int] = []
+        self.log_settings = vlog.settings()
+
+    def worker_for(self, ring_index: int) -> WorkerHandle:
+        return self.workers[ring_index - FIRST_REQUEST_QUEUE]
+
+    # ------------------------------------------------------------------ workers
+    def _spawn(self, w: WorkerHandle) -> None:
+        w.spawn(self.log_settings["format"], self.log_settings["level"])
+
+    async def _configure(self, w: WorkerHandle) -> None:
+        entries, fds = self.luns.worker_config()
+        cfg = self.session.device.config if self.session else None
+        rep = await w.request("configure", fds, queue=w.queue, luns=entries, state_page=True,
+                              cdb_size=cfg.cdb_size if cfg else 32,
+                              sense_size=cfg.sense_size if cfg else 96, timeout=60)
+        if not rep.get("ok"):
+            raise RuntimeError(f"worker {w.queue} failed to configure: {rep.get('error')}")
+        w.state = WState.RUNNING
+
+    def _on_worker_exit(self, w: WorkerHandle, code: int) -> None:
+        if self.stopping or w.state == WState.STOPPING:
+            w.state = WState.STOPPED
+            w.log.info("worker_exited", status=describe_exit(code))
+            return
+        w.log.error("worker_died", status=describe_exit(code))
+        w.state = WState.BACKOFF
+        self.loop.create_task(self._restart(w))
+
+    async def _restart(self, w: WorkerHandle) -> None:
+        now = self.ops.monotonic()
+        if now - w.started_at < 5.0:
+            w.quick_failures += 1
+        else:
+            w.quick_failures = 0
+        if w.quick_failures >= 5:
+            w.state = WState.FATAL
+            self.log.critical("worker_failing_repeatedly", queue=w.queue,
+                              failures=w.quick_failures)
+            self.exit_code = 1
+            self.request_stop()
+            return
+        delay = min(0.1 * (2 ** w.quick_failures), 5.0) if w.quick_failures else 0.0
+        if delay:
+            await asyncio.sleep(delay)
+        if self.stopping:
+            return
+        w.restarts += 1
+        self._spawn(w)
+        try:
+            await self._configure(w)
+            if self.session is not None:
+                await self.session.resume_worker(w)
+        except Exception as exc:
+            w.log.error("worker_restart_failed", error=str(exc))
+            w.signal(signal.SIGKILL)
+
+    # ------------------------------------------------------------------ main
+    def request_stop(self) -> None:
+        if self._stop_event is not None:
+            self._stop_event.set()
+
+    def _on_signal(self, sig: int) -> None:
+        # Handlers only enqueue; the loop acts.
+        self._signal_queue.append(sig)
+        self.loop.call_soon(self._handle_signals)
+
+    def _handle_signals(self) -> None:
+        while self._signal_queue:
+            sig = self._signal_queue.pop(0)
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                self.log.info("shutdown_requested", signal=signal.Signals(sig).name)
+                self.request_stop()
+            elif sig == signal.SIGHUP:
+                vlog.reopen()
+                self.log.info("logs_reopened")
+
+    async def run(self) -> int:
+        self.loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self.loop.add_signal_handler(sig, self._on_signal, sig)
+        self.workers = [WorkerHandle(q, self.loop, self.ops, on_event=self._on_worker_event,
+                                     on_exit=self._on_worker_exit)
+                        for q in range(self.cfg.num_queues)]
+        for w in self.workers:
+            self._spawn(w)
+        results = await asyncio.gather(*(self._configure(w) for w in self.workers),
+                                       return_exceptions=True)
+        for w, res in zip(self.workers, results):
+            if isinstance(res, BaseException):
+                self.log.critical("worker_boot_failed", queue=w.queue, error=str(res))
+                await self._shutdown()
+                return 1
+        self.listener.setblocking(False)
+        accept_task = self.loop.create_task(self._accept_loop())
+        self.log.info("ready", socket=self.cfg.socket_path or f"fd:{self.cfg.listen_fd}",
+                      queues=self.cfg.num_queues, luns=len(self.luns.specs),
+                      workers=[w.pid for w in self.workers])
+        await self._stop_event.wait()
+        accept_task.cancel()
+        await self._shutdown()
+        return self.exit_code
+
+    async def _accept_loop(self) -> None:
+        while True:
+            conn, _ = await self.loop.sock_accept(self.listener)
+            if self.session is not None:
+                self.log.warning("connection_refused", reason="a front end is already connected")
+                conn.close()
+                continue
+            self.conn_counter += 1
+            self.session = Session(self, conn, self.conn_counter)
+            self.log.info("frontend_connected", conn=self.conn_counter)
+            task = self.session.start()
+            task.add_done_callback(self._session_done)
+
+    def _session_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("session_crashed", error=repr(task.exception()))
+        self.session = None
+
+    def _on_worker_event(self, w: WorkerHandle, msg: dict) -> None:
+        if self.session is not None:
+            self.session.on_worker_event(w, msg)
+
+    async def _shutdown(self) -> None:
+        self.stopping = True
+        if self.session is not None:
+            self.session.queue.put_nowait(None)
+            try:
+                await asyncio.wait_for(self.session.closed.wait(), 30)
+            except asyncio.TimeoutError:
+                self.log.error("session_teardown_timeout")
+        for w in self.workers:
+            w.state = WState.STOPPING
+            if w.chan is not None:
+                try:
+                    await w.request("exit", timeout=5)
+                except (WorkerGone, asyncio.TimeoutError):
+                    pass
+        deadline = self.ops.monotonic() + 5
+        while any(w.alive for w in self.workers) and self.ops.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for w in self.workers:
+            if w.alive:
+                w.signal(signal.SIGKILL)
+        while any(w.alive for w in self.workers):
+            await asyncio.sleep(0.02)
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+        if self.cfg.socket_path:
+            self.ops.unlink(self.cfg.socket_path)
+        self.luns.close()
+        self.log.info("stopped", exit_code=self.exit_code)

@@ -1,0 +1,191 @@
+"""Worker processes: spawn, feed, watch, restart.
+
+One worker per request virtqueue. Each is spawned (never forked: the
+supervisor's event loop is running) with one end of a SEQPACKET socketpair;
+everything else reaches it over that channel (see :mod:`vscsid.ipc`). Exits
+are noticed at once through a pidfd registered with the event loop.
+
+Lifecycle per worker, after Supervisor's process states::
+
+    STARTING --configured--> RUNNING --exit--> BACKOFF --delay--> STARTING ...
+                                    \\--stop--> STOPPING --exit--> STOPPED
+    BACKOFF --too many quick failures--> FATAL   (the daemon stops with an error)
+
+All OS effects go through ``ops`` (:class:`vscsid.osops.OsOps`).
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import os
+import signal
+import socket
+from typing import Any, Awaitable, Callable, Sequence
+
+from . import ipc
+from . import log as vlog
+
+
+class WState(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    BACKOFF = "backoff"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FATAL = "fatal"
+
+
+class WorkerGone(Exception):
+    """The worker exited (or its channel closed) before answering."""
+
+
+class WorkerHandle:
+    """The supervisor's view of one worker process."""
+
+    def __init__(self, queue: int, loop: asyncio.AbstractEventLoop, ops, *,
+                 on_event: Callable[["WorkerHandle", dict], None],
+                 on_exit: Callable[["WorkerHandle", int], None]):
+        self.queue = queue
+        self.loop = loop
+        self.ops = ops
+        self.on_event = on_event
+        self.on_exit = on_exit
+        self.pid = 0
+        self.pidfd = -1
+        self.chan: socket.socket | None = None
+        self.state = WState.STOPPED
+        self.pending: dict[int, asyncio.Future] = {}
+        self._seq = itertools.count(1)
+        self.started_at = 0.0
+        self.restarts = 0
+        self.quick_failures = 0
+        self.last_exit: int | None = None
+        self.log = vlog.get(queue=queue, vq=queue + 2)
+
+    # ------------------------------------------------------------------ process
+    def spawn(self, log_format: str, log_level: str) -> None:
+        parent, child = ipc.socketpair()
+        try:
+            self.pid = self.ops.spawn_worker(self.queue, child.fileno(), log_format=log_format,
+                                             log_level=log_level)
+        finally:
+            child.close()
+        self.pidfd = self.ops.pidfd_open(self.pid)
+        self.chan = parent
+        self.state = WState.STARTING
+        self.started_at = self.ops.monotonic()
+        self.log = vlog.get(queue=self.queue, vq=self.queue + 2, worker_pid=self.pid)
+        self.loop.add_reader(self.chan.fileno(), self._on_channel)
+        self.loop.add_reader(self.pidfd, self._on_pidfd)
+        self.log.info("worker_spawned")
+
+    def _on_pidfd(self) -> None:
+        code = self.ops.reap(self.pid, self.pidfd)
+        if code is None:
+            return
+        self.loop.remove_reader(self.pidfd)
+        self.ops.close(self.pidfd)
+        self.pidfd = -1
+        self._close_channel()
+        self.last_exit = code
+        self._fail_pending(WorkerGone(f"worker exited ({describe_exit(code)})"))
+        self.on_exit(self, code)
+
+    def _close_channel(self) -> None:
+        if self.chan is not None:
+            try:
+                self.loop.remove_reader(self.chan.fileno())
+            except (ValueError, OSError):
+                pass
+            self.chan.close()
+            self.chan = None
+
+    def _fail_pending(self, exc: Exception) -> None:
+        pending, self.pending = self.pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def signal(self, sig: int) -> None:
+        if self.pidfd >= 0:
+            self.ops.send_signal(self.pidfd, sig)
+
+    @property
+    def alive(self) -> bool:
+        return self.pidfd >= 0
+
+    # ------------------------------------------------------------------ channel
+    def _on_channel(self) -> None:
+        while self.chan is not None:
+            try:
+                msg, fds = ipc.recv(self.chan, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except ipc.ChannelClosed:
+                self._close_channel()
+                self._fail_pending(WorkerGone("worker closed its channel"))
+                return
+            except (ipc.ChannelError, OSError) as exc:
+                self.log.error("worker_channel_error", error=str(exc))
+                self._close_channel()
+                self._fail_pending(WorkerGone(str(exc)))
+                self.signal(signal.SIGKILL)
+                return
+            for fd in fds:              # workers never send fds
+                self.ops.close(fd)
+            if msg["op"] == "reply":
+                fut = self.pending.pop(msg.get("seq"), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+            else:
+                self.on_event(self, msg)
+
+    async def request(self, op: str, fds: Sequence[int] = (), *, timeout: float = 30.0,
+                      **fields: Any) -> dict:
+        """Send one control message and wait for its reply."""
+        if self.chan is None:
+            raise WorkerGone("worker is not running")
+        seq = next(self._seq)
+        fut = self.loop.create_future()
+        self.pending[seq] = fut
+        try:
+            ipc.send(self.chan, {"op": op, "seq": seq, **fields}, fds)
+        except OSError as exc:
+            self.pending.pop(seq, None)
+            raise WorkerGone(f"cannot reach worker: {exc}") from None
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self.pending.pop(seq, None)
+
+    def notify(self, op: str, fds: Sequence[int] = (), **fields: Any) -> None:
+        """Fire-and-forget message."""
+        if self.chan is not None:
+            try:
+                ipc.send(self.chan, {"op": op, **fields}, fds)
+            except OSError:
+                pass
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (perhaps out of memory?)" if -code == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    return f"exit code {code}"
+
+
+async def gather_replies(calls: Sequence[Awaitable[dict]]) -> list[dict | BaseException]:
+    return await asyncio.gather(*calls, return_exceptions=True)
+
+
+def close_fds(fds: Sequence[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

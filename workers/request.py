@@ -62,6 +62,10 @@ def decode_lun(lun: bytes, target_id: int = 0) -> int:
         method = b2 >> 6
         if lun[4] | lun[5] | lun[6] | lun[7]:
             return 0xFFFF            # multi-level LUN: not served
+        if b2 == 0xC1 and lun[3] == 0x01:
+            # Linux puts the REPORT LUNS well-known LUN (0xC101) in the
+            # single-level slot: lun[2] = 0xC1, lun[3] = 0x01.
+            return WLUN_REPORT_LUNS
         if method == 1:              # flat space addressing
             return ((b2 & 0x3F) << 8) | lun[3]
         if method == 0 and b2 == 0:  # peripheral device addressing, bus 0

@@ -435,7 +435,14 @@ def _expected_fds(spec: _Spec, payload: Payload) -> tuple[int, ...]:
 # --------------------------------------------------------------------------- receive buffer
 
 class _Chunks:
-    """A byte buffer that remembers at which offset each batch of fds arrived."""
+    """A byte buffer that remembers with which byte each batch of fds arrived.
+
+    On a unix stream socket one ``recvmsg`` may return the bytes of several
+    ``sendmsg`` calls, but the kernel stops right after a segment that carries
+    fds: the fds of a read therefore belong to the message that contains the
+    *last* byte of that read. (Reading exactly :meth:`BackendCodec.wanted`
+    bytes at a time, as the daemon does, keeps every read inside one message.)
+    """
 
     __slots__ = ("buf", "fd_marks")
 
@@ -445,7 +452,7 @@ class _Chunks:
 
     def feed(self, data: bytes, fds: Sequence[int]) -> None:
         if fds:
-            self.fd_marks.append((len(self.buf), list(fds)))
+            self.fd_marks.append((len(self.buf) + max(len(data) - 1, 0), list(fds)))
         self.buf += data
 
     def take(self, n: int) -> tuple[bytes, list[int]]:
@@ -508,6 +515,20 @@ class BackendCodec:
     @property
     def pending_bytes(self) -> int:
         return len(self._in.buf)
+
+    def wanted(self) -> int:
+        """Bytes still missing from the message being received (at least 1).
+
+        Reading no more than this keeps every read within one message, so fds
+        are attributed exactly (as libvhost-user does by reading the header,
+        then the payload)."""
+        buf = self._in.buf
+        if len(buf) < HEADER_SIZE:
+            return HEADER_SIZE - len(buf)
+        size = HEADER.unpack_from(buf, 0)[2]
+        if size > self._max_payload:
+            return 1
+        return max(HEADER_SIZE + size - len(buf), 1)
 
     def close(self) -> None:
         """Close every fd still buffered (call when the connection ends)."""

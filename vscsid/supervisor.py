@@ -156,7 +156,8 @@ class Session:
     def _on_readable(self) -> None:
         try:
             data, anc, flags, _ = self.sock.recvmsg(
-                RECV_SIZE, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
+                min(self.codec.wanted(), RECV_SIZE), socket.CMSG_SPACE(MAX_FDS * 4),
+                socket.MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:

@@ -126,6 +126,11 @@ class WorkerHandle:
                 self._close_channel()
                 self._fail_pending(WorkerGone("worker closed its channel"))
                 return
+            except ConnectionResetError:
+                # The worker is gone; its pidfd reports how it ended.
+                self._close_channel()
+                self._fail_pending(WorkerGone("worker closed its channel"))
+                return
             except (ipc.ChannelError, OSError) as exc:
                 self.log.error("worker_channel_error", error=str(exc))
                 self._close_channel()

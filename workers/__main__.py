@@ -36,10 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
     if args.parent_pid and os.getppid() != args.parent_pid:
         return 1  # the supervisor died before we got here
-    # The supervisor handles SIGINT/SIGTERM for the whole daemon; a worker
-    # exits when told to or when its control channel closes.
+    # The supervisor handles SIGINT/SIGTERM for the whole daemon and drains
+    # the workers itself; a worker exits when told to or when its control
+    # channel closes. Ignoring TERM/INT here keeps a signal sent to the whole
+    # process group (timeout(1), a terminal's ^C, systemd without
+    # KillMode=mixed) from cutting requests off mid-flight.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     from vscsid import log as vlog

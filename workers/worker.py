@@ -383,7 +383,7 @@ class Worker:
         self._set_kick(-1)
         self._drop_queue_views()
         self._ring_params = None
-        self.log.info("ring_stopped", last_avail=last, used_idx=used)
+        self.log.info("ring_stopped", last_avail=last, used_idx=used, **self.stats)
         self._reply(msg, last_avail=last)
 
     def _op_params(self, msg: dict, fds: list[int]) -> None:

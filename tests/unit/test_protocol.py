@@ -68,6 +68,35 @@ def test_two_messages_in_one_chunk_and_fd_attribution():
     assert (m2.request, m2.fds) == (P.Request.SET_VRING_CALL, [101])
 
 
+def test_fds_belong_to_the_message_holding_the_last_byte_of_a_read():
+    # Seen with QEMU 7.2: one recvmsg returned SET_STATUS (no fds) followed by
+    # SET_MEM_TABLE, whose fd the kernel delivered with that read.
+    c, _ = codec()
+    status = P.encode_request(P.Request.SET_STATUS, P.U64Payload(0xF))
+    table = P.encode_request(P.Request.SET_MEM_TABLE,
+                             P.MemoryTable((P.MemoryRegion(0, 4096, 0x1000, 0),)))
+    c.feed(status + table, [42])
+    m1, m2 = c.next_message(), c.next_message()
+    assert (m1.request, m1.fds) == (P.Request.SET_STATUS, [])
+    assert (m2.request, m2.fds) == (P.Request.SET_MEM_TABLE, [42])
+
+
+def test_wanted_keeps_reads_inside_one_message():
+    c, _ = codec()
+    raw = P.encode_request(P.Request.SET_FEATURES, P.U64Payload(1)) + P.encode_request(
+        P.Request.GET_FEATURES)
+    pos = 0
+    sizes = []
+    while pos < len(raw):
+        n = c.wanted()
+        sizes.append(n)
+        c.feed(raw[pos:pos + n])
+        pos += n
+        while c.next_message() is not None:
+            pass
+    assert sizes == [12, 8, 12]
+
+
 def test_mem_table_regions_and_fd_count():
     table = P.MemoryTable((P.MemoryRegion(0, 0xA0000, 0x7F00_0000_0000, 0),
                            P.MemoryRegion(0xC0000, 0x3FF40000, 0x7F00_000C_0000, 0xC0000)))

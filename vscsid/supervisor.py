@@ -36,6 +36,8 @@ from .protocol import (
     MAX_FDS, BackendCodec, ConfigPayload, Empty, Message, MemoryTable, ProtocolError,
     ProtocolFeature, Request, U64Payload, VringAddr, VringFile, VringState,
 )
+from .protocol import Inflight as InflightPayload
+from vscsid.workers.inflight import queue_region_size
 from .workerpool import WorkerGone, WorkerHandle, WState, describe_exit
 
 BLKGETSIZE64 = 0x80081272
@@ -146,6 +148,8 @@ class Session:
         self.closed = asyncio.Event()
         self.control = ControlQueues(self)
         self._warned_features = False
+        self.inflight: Inflight | None = None
+        self.inflight_recover: set[int] = set()
 
     # ------------------------------------------------------------------ I/O
     def start(self) -> asyncio.Task:
@@ -204,9 +208,12 @@ class Session:
         self._stop_reading()
         self.queue.put_nowait(None)
 
-    async def _send(self, data: bytes) -> None:
+    async def _send(self, data: bytes, fds=()) -> None:
         try:
-            await self.loop.sock_sendall(self.sock, data)
+            if fds:
+                socket.send_fds(self.sock, [data], list(fds))
+            else:
+                await self.loop.sock_sendall(self.sock, data)
         except OSError as exc:
             self.log.warning("reply_failed", error=str(exc))
 
@@ -253,6 +260,8 @@ class Session:
                 self.ops.close(fd)
             self.log.error("request_failed", request=msg.name, reason=str(exc))
             reply = _NACK
+        if reply is _REPLIED:
+            return
         if reply is _NACK:
             kind = _REPLY_ON_ERROR.get(msg.request)
             if kind is not None:
@@ -304,6 +313,7 @@ class Session:
             for fd in ring.fds():
                 self.ops.close(fd)
         self.device.reset()
+        self.inflight_recover.clear()
         self.log.info("device_reset", reason=why)
 
     async def _h_get_queue_num(self, msg):
@@ -472,7 +482,7 @@ class Session:
         await self._start_ring(ring)
         return None
 
-    async def _start_ring(self, ring: RingState, resume_from_used: bool = False) -> None:
+    async def _start_ring(self, ring: RingState, resume: bool = False) -> None:
         desc, avail, used = self._ring_gpas(ring)
         if not ring.started:
             ring.enabled = ring.enabled or self.device.rings_enabled_on_start()
@@ -482,15 +492,95 @@ class Session:
             self.log.info("ring_started", ring=ring.index, size=ring.num, base=ring.base)
             return
         w = self.sup.worker_for(ring.index)
+        inflight = self._inflight_for(ring)
+        recover = resume or ring.index in self.inflight_recover
         fds = [ring.kick_fd] + ([ring.call_fd] if ring.call_fd >= 0 else [])
+        fields = {}
+        if inflight is not None:
+            fds.append(inflight[0])
+            fields = {"inflight_offset": inflight[1], "inflight_size": inflight[2]}
         rep = await w.request("start", fds, size=ring.num, desc=desc, avail=avail, used=used,
                               last_avail=ring.base, event_idx=self.device.event_idx,
                               enabled=ring.enabled, has_call=ring.call_fd >= 0,
-                              resume_from_used=resume_from_used)
+                              has_inflight=inflight is not None, recover=recover,
+                              resume=resume, **fields)
         if not rep.get("ok"):
             raise Rejected(f"ring {ring.index}: worker refused to start: {rep.get('error')}")
+        self.inflight_recover.discard(ring.index)
         ring.started = True
         ring.broken = False
+
+    # -- inflight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD)
+    def _inflight_for(self, ring: RingState) -> tuple[int, int, int] | None:
+        """(fd, offset, size) of the ring's inflight region, creating our own
+        region when the front end did not provide one."""
+        if self.inflight is None:
+            qs = self.device.max_queue_size
+            per = queue_region_size(qs)
+            fd = self.ops.memfd("vscsid-inflight", per * self.device.num_rings)
+            self.inflight = Inflight(fd=fd, offset=0, per_queue=per, queue_size=qs,
+                                     num_queues=self.device.num_rings, from_frontend=False)
+        inf = self.inflight
+        if ring.index >= inf.num_queues or ring.num > inf.queue_size:
+            self.log.warning("inflight_region_unusable", ring=ring.index, size=ring.num,
+                             region_queues=inf.num_queues, region_queue_size=inf.queue_size)
+            return None
+        return inf.fd, inf.offset + ring.index * inf.per_queue, inf.per_queue
+
+    def _drop_inflight(self) -> None:
+        if self.inflight is not None:
+            self.ops.close(self.inflight.fd)
+            self.inflight = None
+
+    async def _h_get_inflight_fd(self, msg):
+        p: InflightPayload = msg.payload
+        if not 0 < p.num_queues <= self.device.num_rings:
+            raise Rejected(f"GET_INFLIGHT_FD for {p.num_queues} queues (device has "
+                           f"{self.device.num_rings})")
+        qs = p.queue_size
+        if not 0 < qs <= MAX_INFLIGHT_QUEUE_SIZE or qs & (qs - 1):
+            raise Rejected(f"GET_INFLIGHT_FD queue size {qs} is not a power of two <= "
+                           f"{MAX_INFLIGHT_QUEUE_SIZE}")
+        per = queue_region_size(qs)
+        size = per * p.num_queues
+        fd = self.ops.memfd("vscsid-inflight", size)
+        seal_memfd(fd)
+        self._drop_inflight()
+        self.inflight = Inflight(fd=fd, offset=0, per_queue=per, queue_size=qs,
+                                 num_queues=p.num_queues, from_frontend=True)
+        self.inflight_recover.clear()
+        self.log.info("inflight_region_created", queues=p.num_queues, queue_size=qs, bytes=size)
+        await self._send(BackendCodec.encode_reply(
+            msg.request, InflightPayload(size, 0, p.num_queues, qs)), [fd])
+        return _REPLIED
+
+    async def _h_set_inflight_fd(self, msg):
+        p: InflightPayload = msg.payload
+        fd = msg.fds[0]
+        try:
+            if not 0 < p.num_queues <= self.device.num_rings:
+                raise Rejected(f"SET_INFLIGHT_FD for {p.num_queues} queues")
+            qs = p.queue_size
+            if not 0 < qs <= MAX_INFLIGHT_QUEUE_SIZE or qs & (qs - 1):
+                raise Rejected(f"SET_INFLIGHT_FD queue size {qs} is not a power of two")
+            per = queue_region_size(qs)
+            if p.mmap_size < per * p.num_queues:
+                raise Rejected(f"inflight region of {p.mmap_size} bytes is too small for "
+                               f"{p.num_queues} queues of {qs}")
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size < p.mmap_offset + p.mmap_size:
+                raise Rejected("inflight fd is not a file covering the region")
+        except Rejected:
+            self.ops.close(fd)
+            raise
+        self._drop_inflight()
+        self.inflight = Inflight(fd=fd, offset=p.mmap_offset, per_queue=per, queue_size=qs,
+                                 num_queues=p.num_queues, from_frontend=True)
+        # The front end kept this region while we were away: recover from it
+        # when each ring starts.
+        self.inflight_recover = set(range(p.num_queues))
+        self.log.info("inflight_region_set", queues=p.num_queues, queue_size=qs)
+        return None
 
     async def _h_set_vring_call(self, msg):
         p: VringFile = msg.payload
@@ -542,10 +632,9 @@ class Session:
         ring = self.device.rings[w.queue + FIRST_REQUEST_QUEUE]
         if ring.started and ring.kick_fd >= 0:
             ring.started = False
-            # Requests complete in order, so everything after the used index
-            # that the guest can see is either unanswered or not yet popped:
-            # resuming there replays exactly the lost requests.
-            await self._start_ring(ring, resume_from_used=True)
+            # The replacement worker recovers from the ring's inflight region:
+            # whatever its predecessor popped and did not complete is resubmitted.
+            await self._start_ring(ring, resume=True)
             self.log.info("worker_resumed", queue=w.queue, ring=ring.index)
 
     # ------------------------------------------------------------------ events from workers
@@ -569,6 +658,7 @@ class Session:
                 self.ops.close(fd)
             ring.kick_fd = ring.call_fd = ring.err_fd = -1
         self.control.close()
+        self._drop_inflight()
         if self.mem is not None:
             _close_memory(self.mem)
             self.mem = None
@@ -603,6 +693,32 @@ class _Nack:
 
 
 _NACK = _Nack()
+_REPLIED = _Nack()     # the handler sent its own reply (with fds)
+
+
+class Inflight:
+    """The inflight-tracking region of a session (ours, or the front end's)."""
+
+    __slots__ = ("fd", "offset", "per_queue", "queue_size", "num_queues", "from_frontend")
+
+    def __init__(self, *, fd, offset, per_queue, queue_size, num_queues, from_frontend):
+        self.fd = fd
+        self.offset = offset
+        self.per_queue = per_queue
+        self.queue_size = queue_size
+        self.num_queues = num_queues
+        self.from_frontend = from_frontend
+
+
+MAX_INFLIGHT_QUEUE_SIZE = 32768
+
+
+def seal_memfd(fd: int) -> None:
+    import fcntl as _f
+    try:
+        _f.fcntl(fd, _f.F_ADD_SEALS, _f.F_SEAL_GROW | _f.F_SEAL_SHRINK | _f.F_SEAL_SEAL)
+    except OSError:
+        pass
 # Requests whose protocol reply must still be sent, carrying an error marker.
 _REPLY_ON_ERROR = {
     Request.GET_VRING_BASE: lambda m: VringState(getattr(m.payload, "index", 0), 0),
@@ -611,6 +727,7 @@ _REPLY_ON_ERROR = {
     Request.GET_QUEUE_NUM: lambda m: U64Payload(0),
     Request.GET_STATUS: lambda m: U64Payload(0),
     Request.GET_CONFIG: lambda m: ConfigPayload(m.payload.offset, 0, m.payload.flags, b""),
+    Request.GET_INFLIGHT_FD: lambda m: InflightPayload(0, 0, 0, 0),
 }
 
 

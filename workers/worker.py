@@ -1,24 +1,33 @@
 """A data-plane worker: serves one request virtqueue.
 
 The worker is a plain process with an epoll loop (no asyncio): it waits on its
-control channel and on the ring's kick eventfd. On a kick it drains every
-available request, runs each against the SCSI target, pushes the used entries
-and signals the call eventfd once per batch (subject to EVENT_IDX / NO_INTERRUPT
-suppression).
+control channel, on the ring's kick eventfd and on completion sources. On a kick
+it drains every available request, runs each against the SCSI target, pushes the
+used entries and signals the call eventfd once per batch (subject to EVENT_IDX /
+NO_INTERRUPT suppression).
+
+Requests may complete out of order (the virtio spec allows it): a LUN with
+injected latency (``delay_us``) completes its I/O from a timer, so one queue keeps
+many requests in flight. Every popped head is recorded in the queue's inflight
+region (shared memory that outlives this process, see :mod:`.inflight`) until
+the used index covering it is published, so a replacement worker — or a
+restarted daemon, with QEMU's help — resubmits exactly the requests that were
+lost.
 
 Control messages (see :mod:`vscsid.ipc`) configure the LUNs, map guest memory,
-start/stop/enable the ring and swap its call fd. A ring is processed only while
-it is *started* (it has a kick fd and was not stopped by GET_VRING_BASE) and
-*enabled*; kicks that arrive while it is disabled are not lost: enabling
-re-checks the ring.
+start/stop/enable the ring and swap its fds. A ring is processed only while it
+is *started* and *enabled*; kicks that arrive while it is disabled are not lost.
+Before the ring stops or the memory table changes, the worker drains: it waits
+for every request in flight to complete, so no view of the old memory survives
+and GET_VRING_BASE reports an index with nothing outstanding.
 """
 from __future__ import annotations
 
-import errno
+import heapq
+import itertools
 import mmap
 import os
 import select
-import signal
 import socket
 import time
 from typing import Any
@@ -28,14 +37,32 @@ from vscsid import log as vlog
 from vscsid.config import LunSpec
 from vscsid.memory import GuestMemory, GuestMemoryError, RegionSpec
 
+from .inflight import InflightQueue
 from .request import (
     DEFAULT_CDB_SIZE, DEFAULT_SENSE_SIZE, LUN_BAD_TARGET, REQ_HDR, REQ_HDR_SIZE, RESP_HDR,
     RESP_HDR_SIZE, S_BAD_TARGET, S_FAILURE, S_OK, S_OVERRUN, decode_lun, gather, scatter,
     split_views,
 )
+from .scsi import IoPlan, ScsiResult, SGList
 from .virtqueue import ChainError, RingError, SplitQueue
 
 BATCH_LIMIT = 1024   # requests per pass before the control channel gets a look
+
+
+class Pending:
+    """A request whose I/O is in flight (completes later, possibly out of order)."""
+
+    __slots__ = ("head", "plan", "in_", "in_data_len", "out_data_len", "resp_len", "lun", "tag")
+
+    def __init__(self, head, plan, in_, in_data_len, out_data_len, resp_len, lun, tag):
+        self.head = head
+        self.plan = plan
+        self.in_ = in_
+        self.in_data_len = in_data_len
+        self.out_data_len = out_data_len
+        self.resp_len = resp_len
+        self.lun = lun
+        self.tag = tag
 
 
 class Worker:
@@ -44,8 +71,9 @@ class Worker:
         self.log = log or vlog.get()
         self.epoll = select.epoll()
         self.mem: GuestMemory | None = None
-        self.mem_fds: list[int] = []
         self.queue: SplitQueue | None = None
+        self.inflight: InflightQueue | None = None
+        self._inflight_mm: mmap.mmap | None = None
         self.kick_fd = -1
         self.call_fd = -1
         self.err_fd = -1
@@ -55,22 +83,31 @@ class Worker:
         self.more = False
         self.target = None
         self.luns: dict[int, Any] = {}
-        self.lun_fds: list[int] = []
+        self.delays: dict[int, float] = {}     # lun -> injected latency (seconds)
         self.state_mm: mmap.mmap | None = None
         self.cdb_size = DEFAULT_CDB_SIZE
         self.sense_size = DEFAULT_SENSE_SIZE
         self.queue_index = -1
         self.running = True
+        self.timers: list = []                 # heap of (deadline, seq, Pending)
+        self._seq = itertools.count()
+        self.completed: list[int] = []         # heads pushed since the last publish
+        self.resubmit: list[int] = []          # heads recovered from the inflight region
         self.stats = {"requests": 0, "batches": 0, "calls": 0, "kicks": 0, "bad_chains": 0,
                       "bad_target": 0, "failed": 0, "check_condition": 0,
-                      "bytes_in": 0, "bytes_out": 0}
+                      "bytes_in": 0, "bytes_out": 0, "resubmitted": 0, "max_inflight": 0}
         self._ring_params: dict | None = None
 
     # ------------------------------------------------------------------ loop
     def run(self) -> int:
         self.epoll.register(self.chan.fileno(), select.EPOLLIN)
         while self.running:
-            timeout = 0 if self.more else 1.0
+            if self.more:
+                timeout = 0
+            elif self.timers:
+                timeout = max(0.0, self.timers[0][0] - time.monotonic())
+            else:
+                timeout = 1.0
             try:
                 events = self.epoll.poll(timeout)
             except InterruptedError:
@@ -88,59 +125,89 @@ class Worker:
                         pass
                     self.stats["kicks"] += 1
                     kicked = True
+            if self.timers:
+                self._expire_timers()
             if kicked and self._can_process():
                 self.process()
+            self._flush()
         return 0
 
     def _can_process(self) -> bool:
         return self.started and self.enabled and not self.broken and self.queue is not None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.timers)
 
     # ------------------------------------------------------------------ data path
     def process(self) -> None:
         q = self.queue
         done = 0
         try:
+            if self.resubmit:
+                heads, self.resubmit = self.resubmit, []
+                self.stats["resubmitted"] += len(heads)
+                self.log.info("resubmitting_inflight", heads=len(heads))
+                for head in heads:
+                    self._start(head)
             while True:
                 q.disable_kicks()
                 heads = q.pop_heads(BATCH_LIMIT)
+                inflight = self.inflight
                 for head in heads:
-                    try:
-                        chain = q.walk(head)
-                    except ChainError as exc:
-                        self.stats["bad_chains"] += 1
-                        self.log.warning("bad_descriptor_chain", head=head, reason=exc.reason)
-                        q.push(head, 0)
-                        continue
-                    q.push(head, self.handle(chain))
+                    if inflight is not None:
+                        inflight.get(head)
+                    self._start(head)
                 if heads:
                     done += len(heads)
                     self.stats["requests"] += len(heads)
                     self.stats["batches"] += 1
-                    q.publish()
-                    if q.should_notify() and self.call_fd >= 0:
-                        os.eventfd_write(self.call_fd, 1)
-                        self.stats["calls"] += 1
+                    if len(self.timers) > self.stats["max_inflight"]:
+                        self.stats["max_inflight"] = len(self.timers)
+                    self._flush()
                 if done >= BATCH_LIMIT:
-                    # Let the control channel in; come back without waiting for a kick.
-                    self.more = True
+                    self.more = True     # let the control channel in, then come back
                     return
                 if not q.enable_kicks():
                     return
         except RingError as exc:
+            self._flush()
             self._ring_broken(str(exc))
 
-    def _ring_broken(self, reason: str) -> None:
-        self.broken = True
-        self.log.error("ring_broken", reason=reason)
-        if self.err_fd >= 0:
-            try:
-                os.eventfd_write(self.err_fd, 1)
-            except OSError:
-                pass
-        self._send({"op": "event", "event": "ring_broken", "reason": reason})
+    def _start(self, head: int) -> None:
+        """Begin one request: complete it now, or leave its I/O in flight."""
+        q = self.queue
+        try:
+            chain = q.walk(head)
+        except ChainError as exc:
+            self.stats["bad_chains"] += 1
+            self.log.warning("bad_descriptor_chain", head=head, reason=exc.reason)
+            self._complete(head, 0)
+            return
+        written = self._execute(chain)
+        if written is not None:
+            self._complete(head, written)
 
-    def handle(self, chain) -> int:
-        """Run one virtio-scsi command; return the bytes written to the writable part."""
+    def _complete(self, head: int, written: int) -> None:
+        self.queue.push(head, written)
+        self.completed.append(head)
+
+    def _flush(self) -> None:
+        """Publish the used entries pushed so far; one call signal per batch."""
+        if not self.completed or self.queue is None:
+            return
+        q = self.queue
+        q.publish()
+        if self.inflight is not None:
+            self.inflight.put(self.completed, q.used_idx)
+        self.completed = []
+        if q.should_notify() and self.call_fd >= 0:
+            os.eventfd_write(self.call_fd, 1)
+            self.stats["calls"] += 1
+
+    def _execute(self, chain) -> int | None:
+        """Run one virtio-scsi command. Returns the bytes written to the writable
+        part, or None when the I/O is left in flight."""
         cdb_size = self.cdb_size
         hdr_len = REQ_HDR_SIZE + cdb_size
         resp_len = RESP_HDR_SIZE + self.sense_size
@@ -170,8 +237,22 @@ class Worker:
             return resp_len
         data_out = SGList(split_views(chain.out, hdr_len) if out_data_len else [])
         data_in = SGList(split_views(in_, resp_len) if in_data_len else [])
-        cdb = hdr[REQ_HDR_SIZE:]
-        res = self.target.execute(lun, cdb, data_out, data_in, task_tag=tag)
+        plan = self.target.plan(lun, hdr[REQ_HDR_SIZE:], data_out, data_in, task_tag=tag)
+        if type(plan) is not ScsiResult:
+            delay = self.delays.get(lun)
+            if delay:
+                p = Pending(chain.head, plan, in_, in_data_len, out_data_len, resp_len, lun, tag)
+                heapq.heappush(self.timers, (time.monotonic() + delay, next(self._seq), p))
+                return None
+            try:
+                n = plan.run()
+            except Exception as exc:  # OSError from the backend, Miscompare from VERIFY
+                n = exc
+            plan = plan.finish(n)
+        return self._result(plan, in_, in_data_len, out_data_len, resp_len)
+
+    def _result(self, res: ScsiResult, in_, in_data_len: int, out_data_len: int,
+                resp_len: int) -> int:
         sense = res.sense[:self.sense_size]
         if res.status:
             self.stats["check_condition"] += 1
@@ -187,6 +268,25 @@ class Worker:
         self._respond(in_, len(sense), residual, res.status, S_OK, sense)
         return resp_len + res.data_in_len
 
+    def _expire_timers(self, everything: bool = False) -> None:
+        now = time.monotonic()
+        timers = self.timers
+        while timers and (everything or timers[0][0] <= now):
+            _, _, p = heapq.heappop(timers)
+            try:
+                n = p.plan.run()
+            except Exception as exc:
+                n = exc
+            res = p.plan.finish(n)
+            self._complete(p.head, self._result(res, p.in_, p.in_data_len, p.out_data_len,
+                                                p.resp_len))
+
+    def drain(self) -> None:
+        """Complete everything in flight (before a stop or a memory change)."""
+        if self.timers:
+            self._expire_timers(everything=True)
+        self._flush()
+
     def _respond(self, in_views, sense_len, residual, status, response, sense) -> None:
         first = in_views[0]
         if len(first) >= RESP_HDR_SIZE + sense_len:
@@ -195,6 +295,16 @@ class Worker:
                 first[RESP_HDR_SIZE:RESP_HDR_SIZE + sense_len] = sense
         else:
             scatter(in_views, RESP_HDR.pack(sense_len, residual, 0, status, response) + sense)
+
+    def _ring_broken(self, reason: str) -> None:
+        self.broken = True
+        self.log.error("ring_broken", reason=reason)
+        if self.err_fd >= 0:
+            try:
+                os.eventfd_write(self.err_fd, 1)
+            except OSError:
+                pass
+        self._send({"op": "event", "event": "ring_broken", "reason": reason})
 
     # ------------------------------------------------------------------ control
     def _send(self, msg: dict, fds=()) -> None:
@@ -235,7 +345,6 @@ class Worker:
         return self.running
 
     def _op_configure(self, msg: dict, fds: list[int]) -> None:
-        from .backends import FileBackend, NullBackend  # noqa: F401  (imported lazily)
         from .scsi import Disk, DiskInfo, LunState, ScsiTarget
 
         self.queue_index = msg["queue"]
@@ -250,16 +359,22 @@ class Worker:
             os.close(state_fd)
         fd_iter = iter(file_fds)
         luns = {}
+        delays = {}
         for entry in lun_entries:
             spec = LunSpec.from_dict(entry["spec"])
             number = int(entry["lun"])
             fd = -1 if spec.is_null else next(fd_iter)
+            # Injected latency is served by the worker's timers (the I/O stays in
+            # flight), not by sleeping in the backend.
             backend = _make_backend(spec, fd)
+            if spec.delay_us:
+                delays[number] = spec.delay_us / 1e6
             info = DiskInfo(**entry["info"])
             state = (LunState.from_buffer(memoryview(self.state_mm)[number:number + 1])
                      if self.state_mm is not None else LunState(wce=not spec.writethrough))
             luns[number] = Disk(info, backend, state=state, log=self.log.bind(lun=number))
         self.luns = luns
+        self.delays = delays
         self.target = ScsiTarget(luns, log=self.log)
         self.log.info("worker_configured", luns=sorted(luns))
         self._reply(msg)
@@ -276,50 +391,96 @@ class Worker:
             return
         for fd in fds:
             os.close(fd)      # the mappings keep the memory alive
+        # Quiesce: nothing in flight may keep a view of the old mapping.
+        self.drain()
+        last_avail = self.queue.last_avail if self.queue is not None else None
         self._drop_queue_views()
+        self._close_memory()
+        self.mem = new
+        if self._ring_params is not None and self.started:
+            try:
+                self._build_queue(self._ring_params, last_avail)
+            except RingError as exc:
+                self._ring_broken(f"ring not in the new memory table: {exc}")
+            else:
+                self.more = True
+        self.log.info("memory_mapped", generation=new.generation, regions=len(specs))
+        self._reply(msg)
+
+    def _close_memory(self) -> None:
         if self.mem is not None:
             try:
                 self.mem.close()
             except BufferError:
                 self.log.warning("old_memory_views_alive")
-        self.mem = new
-        if self._ring_params is not None and self.started:
-            self._build_queue(self._ring_params, keep_index=True)
-        self.log.info("memory_mapped", generation=new.generation, regions=len(specs))
-        self._reply(msg)
+            self.mem = None
 
     def _drop_queue_views(self) -> None:
         if self.queue is not None:
             self.queue.release()
             self.queue = None
 
-    def _build_queue(self, p: dict, keep_index: bool = False) -> None:
-        last_avail = self.queue.last_avail if (keep_index and self.queue) else int(p["last_avail"])
+    def _build_queue(self, p: dict, last_avail: int) -> None:
         self._drop_queue_views()
         self.queue = SplitQueue(self.mem, int(p["size"]), int(p["desc"]), int(p["avail"]),
                                 int(p["used"]), event_idx=bool(p["event_idx"]),
                                 last_avail=last_avail)
-        if p.get("resume_from_used") and not keep_index:
-            # In-order completion: everything past the used index is unanswered.
-            self.queue.last_avail = self.queue.used_idx
+
+    def _map_inflight(self, msg: dict, fd: int) -> None:
+        self._unmap_inflight()
+        offset = int(msg["inflight_offset"])
+        size = int(msg["inflight_size"])
+        page = offset - offset % mmap.ALLOCATIONGRANULARITY
+        self._inflight_mm = mmap.mmap(fd, size + offset - page, mmap.MAP_SHARED,
+                                      mmap.PROT_READ | mmap.PROT_WRITE, offset=page)
+        os.close(fd)
+        view = memoryview(self._inflight_mm)[offset - page:offset - page + size]
+        self.inflight = InflightQueue(view, int(msg["size"]))
+
+    def _unmap_inflight(self) -> None:
+        if self.inflight is not None:
+            self.inflight.buf.release()
+            self.inflight = None
+        if self._inflight_mm is not None:
+            self._inflight_mm.close()
+            self._inflight_mm = None
 
     def _op_start(self, msg: dict, fds: list[int]) -> None:
-        kick = fds[0]
-        call = fds[1] if msg.get("has_call") and len(fds) > 1 else -1
+        fds = list(fds)
+        kick = fds.pop(0)
+        call = fds.pop(0) if msg.get("has_call") else -1
+        inflight_fd = fds.pop(0) if msg.get("has_inflight") else -1
+        for fd in fds:
+            os.close(fd)
         if self.started:
             self._op_stop({"op": "stop"}, [])
         if self.mem is None:
-            for fd in fds:
-                os.close(fd)
+            for fd in (kick, call, inflight_fd):
+                if fd >= 0:
+                    os.close(fd)
             self._reply(msg, ok=False, error="no memory table")
             return
         try:
-            self._build_queue(msg)
+            self._build_queue(msg, int(msg["last_avail"]))
         except RingError as exc:
-            for fd in fds:
-                os.close(fd)
+            for fd in (kick, call, inflight_fd):
+                if fd >= 0:
+                    os.close(fd)
             self._reply(msg, ok=False, error=str(exc))
             return
+        q = self.queue
+        if inflight_fd >= 0:
+            self._map_inflight(msg, inflight_fd)
+            recovered = None
+            if msg.get("recover"):
+                recovered = self.inflight.recover(q.used_idx, q.used)
+            if recovered is not None and (recovered[1] or msg.get("resume")):
+                q.last_avail, self.resubmit = recovered
+                q.inflight = len(self.resubmit)
+                self.log.info("inflight_recovered", next_avail=q.last_avail, used_idx=q.used_idx,
+                              resubmit=len(self.resubmit))
+            else:
+                self.inflight.reset(q.used_idx)
         self._ring_params = dict(msg)
         self._set_kick(kick)
         if call >= 0:
@@ -327,9 +488,9 @@ class Worker:
         self.started = True
         self.broken = False
         self.enabled = bool(msg.get("enabled", False))
-        self.log.info("ring_started", size=msg["size"], last_avail=self.queue.last_avail,
-                      used_idx=self.queue.used_idx, event_idx=bool(msg["event_idx"]),
-                      enabled=self.enabled)
+        self.log.info("ring_started", size=msg["size"], last_avail=q.last_avail,
+                      used_idx=q.used_idx, event_idx=bool(msg["event_idx"]),
+                      enabled=self.enabled, inflight=self.inflight is not None)
         self.more = True      # requests may already be waiting
         self._reply(msg)
 
@@ -376,13 +537,16 @@ class Worker:
         self._reply(msg)
 
     def _op_stop(self, msg: dict, fds: list[int]) -> None:
-        last = self.queue.last_avail if self.queue is not None else int(
-            (self._ring_params or {}).get("last_avail", 0))
-        used = self.queue.used_idx if self.queue is not None else None
+        self.drain()
+        q = self.queue
+        last = q.last_avail if q is not None else int((self._ring_params or {}).get("last_avail", 0))
+        used = q.used_idx if q is not None else None
         self.started = False
         self._set_kick(-1)
         self._drop_queue_views()
+        self._unmap_inflight()
         self._ring_params = None
+        self.resubmit = []
         self.log.info("ring_stopped", last_avail=last, used_idx=used, **self.stats)
         self._reply(msg, last_avail=last)
 
@@ -398,26 +562,38 @@ class Worker:
         self._set_fd("call_fd", -1)
         self._set_fd("err_fd", -1)
         self._drop_queue_views()
-        if self.mem is not None:
-            try:
-                self.mem.close()
-            except BufferError:
-                self.log.warning("memory_views_alive_at_unmap")
-            self.mem = None
+        self._close_memory()
         self.broken = False
         self.enabled = False
         self._reply(msg)
 
     def _op_tmf(self, msg: dict, fds: list[int]) -> None:
-        """Task management: requests run to completion between control messages,
-        so by the time this is read nothing of this queue is in flight."""
-        self._reply(msg, found=False)
+        """Task management. Requests in flight (injected latency) that match are
+        completed before the answer — with their real result, since the I/O
+        cannot be recalled — so when the TMF completes nothing matching is active."""
+        lun = msg.get("lun")
+        tag = msg.get("tag")
+        kind = msg.get("kind")
+        found = False
+        for _, _, p in self.timers:
+            if lun is not None and p.lun != lun:
+                continue
+            if kind in ("abort_task", "query_task"):
+                if p.tag == tag:
+                    found = True
+            else:
+                found = True
+        if found and kind not in ("query_task", "query_task_set"):
+            self.drain()
+        self._reply(msg, found=found)
 
     def _op_ping(self, msg: dict, fds: list[int]) -> None:
         self._reply(msg, stats=self.stats, started=self.started, enabled=self.enabled,
-                    broken=self.broken)
+                    broken=self.broken, in_flight=self.in_flight)
 
     def _op_exit(self, msg: dict, fds: list[int]) -> None:
+        if self.started:
+            self.drain()
         self.running = False
         self._reply(msg)
 
@@ -426,22 +602,13 @@ class Worker:
         self._set_fd("call_fd", -1)
         self._set_fd("err_fd", -1)
         self._drop_queue_views()
-        if self.mem is not None:
-            try:
-                self.mem.close()
-            except BufferError:
-                pass
+        self._unmap_inflight()
+        self._close_memory()
 
 
 def _make_backend(spec: LunSpec, fd: int):
     from .backends import FileBackend, NullBackend
 
     if spec.is_null:
-        return NullBackend(spec.null_size, delay_us=spec.delay_us)
-    return FileBackend.from_fd(fd, readonly=spec.readonly, path=spec.path,
-                               delay_us=spec.delay_us)
-
-
-# SGList is imported at module level lazily to keep this module importable while
-# the SCSI package loads; it is the hot-path type so bind it once here.
-from .scsi import SGList  # noqa: E402
+        return NullBackend(spec.null_size, readonly=spec.readonly)
+    return FileBackend.from_fd(fd, readonly=spec.readonly, path=spec.path, direct=spec.direct)

@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--queue-size", type=int, default=DEFAULT_QUEUE_SIZE, metavar="N",
                      help=f"maximum virtqueue size, a power of two <= {MAX_QUEUE_SIZE} "
                           f"(default {DEFAULT_QUEUE_SIZE})")
+    dev.add_argument("--engine", choices=("c", "python"),
+                     default=os.environ.get("VSCSID_ENGINE", "c"),
+                     help="data path: the C fast path with the Python reference behind it "
+                          "(default), or the Python reference alone")
     lg = p.add_argument_group("logging")
     lg.add_argument("--log-format", choices=("json", "console", "auto"), default="auto",
                     help="console when stderr is a terminal, else JSON (default)")
@@ -143,7 +147,7 @@ def parse_config(argv: list[str] | None) -> tuple[DaemonConfig, argparse.Namespa
         socket_path=args.socket_path, listen_fd=args.fd, luns=specs, num_queues=args.num_queues,
         queue_size=args.queue_size, log_format=args.log_format, log_level=args.log_level,
         socket_mode=mode, socket_owner=_uid(args.socket_owner),
-        socket_group=_gid(args.socket_group),
+        socket_group=_gid(args.socket_group), engine=args.engine,
     )
     return cfg, args
 

@@ -174,6 +174,7 @@ class DaemonConfig:
     max_sectors: int = 0xFFFF
     cmd_per_lun: int = 128
     seg_max: int = field(default=0)   # 0 = queue_size - 2
+    engine: str = "c"                 # data path: "c" fast path (+ Python reference) or "python"
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_queues <= MAX_REQUEST_QUEUES:
@@ -183,5 +184,7 @@ class DaemonConfig:
             raise ConfigError(f"--queue-size must be a power of two between 2 and {MAX_QUEUE_SIZE}")
         if len(self.luns) > MAX_LUNS:
             raise ConfigError(f"at most {MAX_LUNS} LUNs are supported")
+        if self.engine not in ("c", "python"):
+            raise ConfigError("--engine must be c or python")
         if (self.socket_path is None) == (self.listen_fd is None):
             raise ConfigError("exactly one of --socket-path and --fd is required")

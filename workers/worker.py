@@ -97,6 +97,9 @@ class Worker:
                       "bad_target": 0, "failed": 0, "check_condition": 0,
                       "bytes_in": 0, "bytes_out": 0, "resubmitted": 0, "max_inflight": 0}
         self._ring_params: dict | None = None
+        self.engine = "python"
+        self.cq = None                          # CQueue when the C fast path is on
+        self.lun_specs: dict[int, LunSpec] = {}
 
     # ------------------------------------------------------------------ loop
     def run(self) -> int:
@@ -125,6 +128,9 @@ class Worker:
                         pass
                     self.stats["kicks"] += 1
                     kicked = True
+                elif self.cq is not None and fd == self.cq.uring_fd:
+                    self.cq.ack_uring_event()
+                    kicked = True
             if self.timers:
                 self._expire_timers()
             if kicked and self._can_process():
@@ -137,10 +143,13 @@ class Worker:
 
     @property
     def in_flight(self) -> int:
-        return len(self.timers)
+        return len(self.timers) + (self.cq.in_flight if self.cq is not None else 0)
 
     # ------------------------------------------------------------------ data path
     def process(self) -> None:
+        if self.cq is not None:
+            self._process_c()
+            return
         q = self.queue
         done = 0
         try:
@@ -174,6 +183,27 @@ class Worker:
             self._flush()
             self._ring_broken(str(exc))
 
+    def _process_c(self) -> None:
+        cq = self.cq
+        if self.resubmit:
+            heads, self.resubmit = self.resubmit, []
+            self.stats["resubmitted"] += len(heads)
+            self.log.info("resubmitting_inflight", heads=len(heads))
+            for head in cq.resubmit(heads):
+                self._start(head)
+        slow = cq.run(BATCH_LIMIT)
+        if slow is None:
+            self._flush()
+            self._ring_broken(cq.broken_reason or "ring broken")
+            return
+        for head in slow:
+            self._start(head)
+        self._flush()
+        if cq.more:
+            self.more = True
+        if cq.q.broken:
+            self._ring_broken(cq.broken_reason)
+
     def _start(self, head: int) -> None:
         """Begin one request: complete it now, or leave its I/O in flight."""
         q = self.queue
@@ -189,11 +219,18 @@ class Worker:
             self._complete(head, written)
 
     def _complete(self, head: int, written: int) -> None:
+        if self.cq is not None:
+            self.cq.push(head, written)
+            return
         self.queue.push(head, written)
         self.completed.append(head)
 
     def _flush(self) -> None:
         """Publish the used entries pushed so far; one call signal per batch."""
+        if self.cq is not None:
+            if self.cq.flush():
+                self.stats["calls"] += 1
+            return
         if not self.completed or self.queue is None:
             return
         q = self.queue
@@ -283,6 +320,9 @@ class Worker:
 
     def drain(self) -> None:
         """Complete everything in flight (before a stop or a memory change)."""
+        if self.cq is not None:
+            for head in self.cq.drain():
+                self._start(head)      # failed asynchronous I/O: the reference path answers
         if self.timers:
             self._expire_timers(everything=True)
         self._flush()
@@ -348,6 +388,7 @@ class Worker:
         from .scsi import Disk, DiskInfo, LunState, ScsiTarget
 
         self.queue_index = msg["queue"]
+        self.engine = msg.get("engine", "python")
         self.cdb_size = int(msg.get("cdb_size", DEFAULT_CDB_SIZE))
         self.sense_size = int(msg.get("sense_size", DEFAULT_SENSE_SIZE))
         lun_entries = msg["luns"]
@@ -373,10 +414,11 @@ class Worker:
             state = (LunState.from_buffer(memoryview(self.state_mm)[number:number + 1])
                      if self.state_mm is not None else LunState(wce=not spec.writethrough))
             luns[number] = Disk(info, backend, state=state, log=self.log.bind(lun=number))
+            self.lun_specs[number] = spec
         self.luns = luns
         self.delays = delays
         self.target = ScsiTarget(luns, log=self.log)
-        self.log.info("worker_configured", luns=sorted(luns))
+        self.log.info("worker_configured", luns=sorted(luns), engine=self.engine)
         self._reply(msg)
 
     def _op_mem(self, msg: dict, fds: list[int]) -> None:
@@ -393,7 +435,8 @@ class Worker:
             os.close(fd)      # the mappings keep the memory alive
         # Quiesce: nothing in flight may keep a view of the old mapping.
         self.drain()
-        last_avail = self.queue.last_avail if self.queue is not None else None
+        last_avail = self._last_avail()
+        self._close_cq()
         self._drop_queue_views()
         self._close_memory()
         self.mem = new
@@ -403,9 +446,73 @@ class Worker:
             except RingError as exc:
                 self._ring_broken(f"ring not in the new memory table: {exc}")
             else:
+                self._open_cq()
                 self.more = True
         self.log.info("memory_mapped", generation=new.generation, regions=len(specs))
         self._reply(msg)
+
+    def _last_avail(self) -> int | None:
+        if self.cq is not None:
+            return self.cq.last_avail
+        return self.queue.last_avail if self.queue is not None else None
+
+    def _open_cq(self) -> None:
+        if self.engine != "c" or self.queue is None:
+            return
+        from .engine import CQueue
+
+        use_uring = any(s.delay_us or s.direct for s in self.lun_specs.values())
+        flags = {}
+        for number, disk in self.luns.items():
+            spec = self.lun_specs[number]
+            f = 1 | 8                                   # PRESENT | FAST
+            if spec.readonly:
+                f |= 2
+            if spec.is_null:
+                f |= 4
+            if spec.delay_us or spec.direct:
+                f |= 16                                 # ASYNC (io_uring)
+            flags[number] = {
+                "flags": f, "fd": getattr(disk.backend, "fd", -1) if not spec.is_null else -1,
+                "delay_ns": spec.delay_us * 1000,
+                "state": (memoryview(self.state_mm)[number:number + 1]
+                          if self.state_mm is not None else None),
+            }
+        self.cq = CQueue(queue=self.queue, mem=self.mem, luns=self.luns, lun_flags=flags,
+                         cdb_size=self.cdb_size, sense_size=self.sense_size,
+                         inflight=self.inflight, call_fd=self.call_fd, use_uring=use_uring)
+        if use_uring and self.cq.uring is None:
+            self.log.warning("io_uring_unavailable", error=getattr(self.cq, "uring_error", "?"),
+                             fallback="synchronous I/O; injected latency served by timers")
+            for number in flags:
+                self.cq.q.luns[number].flags &= ~16
+        if self.cq.uring_fd >= 0:
+            self.epoll.register(self.cq.uring_fd, select.EPOLLIN)
+
+    def _merged_stats(self) -> dict:
+        out = dict(self.stats)
+        if self.cq is not None:
+            for k, v in self.cq.stats().items():
+                out[k] = out.get(k, 0) + v
+            out["requests"] += self.cq.q.st_fast + self.cq.q.st_slow
+        return out
+
+    def _close_cq(self) -> None:
+        if self.cq is None:
+            return
+        self.stats = self._merged_stats()
+        if self.cq.uring_fd >= 0:
+            try:
+                self.epoll.unregister(self.cq.uring_fd)
+            except OSError:
+                pass
+        if self.inflight is not None:
+            self.inflight.counter = self.cq.q.counter
+        if self.queue is not None:
+            self.queue.last_avail = self.cq.last_avail
+            self.queue.used_idx = self.cq.used_idx
+        self.cq.close()
+        self.cq = None
 
     def _close_memory(self) -> None:
         if self.mem is not None:
@@ -485,12 +592,15 @@ class Worker:
         self._set_kick(kick)
         if call >= 0:
             self._set_fd("call_fd", call)
+        self._open_cq()
         self.started = True
         self.broken = False
         self.enabled = bool(msg.get("enabled", False))
         self.log.info("ring_started", size=msg["size"], last_avail=q.last_avail,
                       used_idx=q.used_idx, event_idx=bool(msg["event_idx"]),
-                      enabled=self.enabled, inflight=self.inflight is not None)
+                      enabled=self.enabled, inflight=self.inflight is not None,
+                      engine="c" if self.cq is not None else "python",
+                      io_uring=bool(self.cq is not None and self.cq.uring is not None))
         self.more = True      # requests may already be waiting
         self._reply(msg)
 
@@ -519,6 +629,8 @@ class Worker:
 
     def _op_call(self, msg: dict, fds: list[int]) -> None:
         self._set_fd("call_fd", fds[0] if fds else -1)
+        if self.cq is not None:
+            self.cq.set_call_fd(self.call_fd)
         if self.call_fd >= 0 and self.started:
             # Completions published while there was no call fd must not be
             # left unsignalled; a spurious interrupt is harmless.
@@ -538,6 +650,7 @@ class Worker:
 
     def _op_stop(self, msg: dict, fds: list[int]) -> None:
         self.drain()
+        self._close_cq()
         q = self.queue
         last = q.last_avail if q is not None else int((self._ring_params or {}).get("last_avail", 0))
         used = q.used_idx if q is not None else None
@@ -553,6 +666,9 @@ class Worker:
     def _op_params(self, msg: dict, fds: list[int]) -> None:
         self.cdb_size = int(msg["cdb_size"])
         self.sense_size = int(msg["sense_size"])
+        if self.cq is not None:
+            self.cq.q.cdb_size = self.cdb_size
+            self.cq.q.sense_size = self.sense_size
         self._reply(msg)
 
     def _op_unmap(self, msg: dict, fds: list[int]) -> None:
@@ -588,7 +704,7 @@ class Worker:
         self._reply(msg, found=found)
 
     def _op_ping(self, msg: dict, fds: list[int]) -> None:
-        self._reply(msg, stats=self.stats, started=self.started, enabled=self.enabled,
+        self._reply(msg, stats=self._merged_stats(), started=self.started, enabled=self.enabled,
                     broken=self.broken, in_flight=self.in_flight)
 
     def _op_exit(self, msg: dict, fds: list[int]) -> None:
@@ -598,6 +714,7 @@ class Worker:
         self._reply(msg)
 
     def close(self) -> None:
+        self._close_cq()
         self._set_kick(-1)
         self._set_fd("call_fd", -1)
         self._set_fd("err_fd", -1)

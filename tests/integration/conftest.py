@@ -18,11 +18,19 @@ def make_image(tmp_path):
     return make
 
 
+@pytest.fixture(params=["c", "python"])
+def engine(request):
+    """Every daemon test runs on the C fast path and on the pure-Python reference."""
+    return request.param
+
+
 @pytest.fixture
-def start_daemon(tmp_path):
+def start_daemon(tmp_path, engine):
     started: list[Daemon] = []
 
     def start(*args: str) -> Daemon:
+        if "--engine" not in args:
+            args = (*args, "--engine", engine)
         d = Daemon(tmp_path, list(args), tmp_path / f"vscsid{len(started)}.sock")
         started.append(d)
         return d

@@ -1,0 +1,850 @@
+/*
+ * vscsid data-plane fast path (compiled by cffi into vscsid.workers._fast).
+ *
+ * This is the C twin of the Python reference in virtqueue.py, request.py and
+ * worker.py: it pops descriptor chains from the split ring, validates them the
+ * same way, and serves the common case -- READ/WRITE(10/16) of whole blocks on a
+ * plain LUN, with exactly-sized data buffers -- straight from the backing file
+ * into guest memory. Every other request (any other opcode, odd flags or
+ * layouts, errors, out-of-range LBAs, bad chains) is handed back to Python,
+ * which produces the exact SCSI/virtio answer. So the C code never has to be
+ * right about an error case: when in doubt it punts.
+ *
+ * The guest is untrusted: descriptors are read once into locals, every buffer
+ * is translated through the region table with overflow checks, chains are
+ * bounded by the table they walk, and indices are masked.
+ *
+ * Injected latency (delay_us) and real asynchronous I/O use io_uring when the
+ * kernel allows it: requests stay in flight and complete out of order.
+ */
+#include <errno.h>
+#include <poll.h>
+#include <stdint.h>
+#include <stddef.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/io_uring.h>
+#include <linux/fs.h>
+
+#define VSD_MAX_REGIONS 8
+#define VSD_MAX_LUNS 256
+#define VSD_MAX_IOV 256
+
+#define DESC_F_NEXT 1
+#define DESC_F_WRITE 2
+#define DESC_F_INDIRECT 4
+#define AVAIL_F_NO_INTERRUPT 1
+#define USED_F_NO_NOTIFY 1
+
+#define LUN_PRESENT 1
+#define LUN_RO 2
+#define LUN_NULL 4
+#define LUN_FAST 8
+#define LUN_ASYNC 16     /* serve through io_uring (O_DIRECT, injected latency) */
+
+#define STATE_WCE 1
+
+struct vsd_region {
+    uint64_t gpa;
+    uint64_t size;
+    uint8_t *host;
+};
+
+struct vsd_lun {
+    int fd;
+    uint32_t flags;
+    uint32_t block_size;
+    uint32_t block_shift;
+    uint64_t num_blocks;
+    uint64_t max_transfer_bytes;
+    uint64_t delay_ns;
+    uint8_t *state;                 /* shared per-LUN state byte (WCE), may be NULL */
+};
+
+struct vsd_io;
+
+struct vsd_queue {
+    /* ring */
+    uint8_t *desc;
+    uint8_t *avail;
+    uint8_t *used;
+    uint32_t size;
+    uint32_t mask;
+    uint16_t last_avail;
+    uint16_t used_idx;
+    uint16_t signalled_used;
+    int signalled_valid;
+    int event_idx;
+    int call_fd;
+    /* guest memory */
+    struct vsd_region regions[VSD_MAX_REGIONS];
+    int nregions;
+    /* LUNs (by single-level LUN number) */
+    struct vsd_lun luns[VSD_MAX_LUNS];
+    int nluns;
+    uint32_t cdb_size;
+    uint32_t sense_size;
+    /* inflight region of this queue (16-byte header + 16 bytes per descriptor), or NULL */
+    uint8_t *inflight;
+    uint64_t counter;
+    /* heads pushed since the last publish */
+    uint16_t *completed;
+    uint32_t ncompleted;
+    /* state for the Python side */
+    int more;
+    int broken;
+    /* asynchronous I/O */
+    struct vsd_uring *uring;
+    uint32_t in_flight;
+    /* statistics */
+    uint64_t st_fast, st_slow, st_bytes_in, st_bytes_out, st_calls, st_batches, st_async;
+    uint64_t st_max_in_flight;
+};
+
+/* ------------------------------------------------------------------ barriers */
+
+static inline void mb(void)  { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+static inline void rmb(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
+static inline void wmb(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+
+static inline uint16_t ld16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline uint32_t ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline uint64_t ld64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline void st16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
+static inline void st32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+static inline uint16_t ld16_acq(const uint8_t *p)
+{
+    return __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE);
+}
+static inline void st16_rel(uint8_t *p, uint16_t v)
+{
+    __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE);
+}
+static inline uint32_t be32(const uint8_t *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+static inline uint64_t be64(const uint8_t *p)
+{
+    return ((uint64_t)be32(p) << 32) | be32(p + 4);
+}
+
+/* ------------------------------------------------------------------ memory */
+
+/* Translate [gpa, gpa+len) into iovecs (split at region ends). -1 if not all inside. */
+static int translate(struct vsd_queue *q, uint64_t gpa, uint32_t len,
+                     struct iovec *iov, int *niov, int max)
+{
+    while (len) {
+        int i, found = 0;
+        if (gpa + len < gpa)
+            return -1;
+        for (i = 0; i < q->nregions; i++) {
+            struct vsd_region *r = &q->regions[i];
+            if (gpa >= r->gpa && gpa - r->gpa < r->size) {
+                uint64_t off = gpa - r->gpa;
+                uint64_t n = r->size - off;
+                if (n > len)
+                    n = len;
+                if (*niov >= max)
+                    return -2;
+                iov[*niov].iov_base = r->host + off;
+                iov[*niov].iov_len = n;
+                (*niov)++;
+                gpa += n;
+                len -= (uint32_t)n;
+                found = 1;
+                break;
+            }
+        }
+        if (!found)
+            return -1;
+    }
+    return 0;
+}
+
+static uint8_t *translate_one(struct vsd_queue *q, uint64_t gpa, uint64_t len)
+{
+    int i;
+    if (gpa + len < gpa)
+        return NULL;
+    for (i = 0; i < q->nregions; i++) {
+        struct vsd_region *r = &q->regions[i];
+        if (gpa >= r->gpa && gpa - r->gpa < r->size && len <= r->size - (gpa - r->gpa))
+            return r->host + (gpa - r->gpa);
+    }
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ chains */
+
+struct chain {
+    struct iovec out[VSD_MAX_IOV];
+    struct iovec in[VSD_MAX_IOV];
+    int nout, nin;
+    uint64_t out_len, in_len;
+};
+
+/* 0 = ok, -1 = malformed (Python will fail it), -2 = too many segments (Python handles) */
+static int walk(struct vsd_queue *q, uint16_t head, struct chain *c)
+{
+    const uint8_t *table = q->desc;
+    uint32_t limit = q->size, i = head, count = 0;
+    int indirect = 0;
+    c->nout = c->nin = 0;
+    c->out_len = c->in_len = 0;
+    for (;;) {
+        const uint8_t *d = table + 16 * (size_t)i;
+        uint64_t addr = ld64(d);
+        uint32_t len = ld32(d + 8);
+        uint16_t flags = ld16(d + 12);
+        uint16_t next = ld16(d + 14);
+        if (flags & DESC_F_INDIRECT) {
+            if (indirect || count || (flags & DESC_F_NEXT) || len == 0 || (len & 15)
+                || len / 16 > 32768)
+                return -1;
+            table = translate_one(q, addr, len);
+            if (!table)
+                return -1;
+            indirect = 1;
+            limit = len / 16;
+            i = 0;
+            continue;
+        }
+        if (++count > limit)
+            return -1;
+        if (len) {
+            int r;
+            if (flags & DESC_F_WRITE) {
+                r = translate(q, addr, len, c->in, &c->nin, VSD_MAX_IOV);
+                c->in_len += len;
+            } else {
+                if (c->nin)
+                    return -1;
+                r = translate(q, addr, len, c->out, &c->nout, VSD_MAX_IOV);
+                c->out_len += len;
+            }
+            if (r)
+                return r;
+        }
+        if (!(flags & DESC_F_NEXT))
+            break;
+        if (next >= limit)
+            return -1;
+        i = next;
+    }
+    return 0;
+}
+
+/* Copy the first n bytes of an iovec list into dst (n <= total). */
+static void gather(const struct iovec *iov, int niov, uint8_t *dst, size_t n)
+{
+    int k;
+    for (k = 0; k < niov && n; k++) {
+        size_t t = iov[k].iov_len < n ? iov[k].iov_len : n;
+        memcpy(dst, iov[k].iov_base, t);
+        dst += t;
+        n -= t;
+    }
+}
+
+/* Drop the first `skip` bytes of an iovec list in place; returns the new count. */
+static int skip_iov(struct iovec *iov, int niov, size_t skip)
+{
+    int k = 0, j;
+    while (k < niov && skip >= iov[k].iov_len) {
+        skip -= iov[k].iov_len;
+        k++;
+    }
+    if (k < niov && skip) {
+        iov[k].iov_base = (uint8_t *)iov[k].iov_base + skip;
+        iov[k].iov_len -= skip;
+    }
+    for (j = 0; k < niov; j++, k++)
+        iov[j] = iov[k];
+    return j;
+}
+
+/* ------------------------------------------------------------------ inflight + used ring */
+
+static inline void inflight_get(struct vsd_queue *q, uint16_t head)
+{
+    if (q->inflight) {
+        uint8_t *e = q->inflight + 16 + 16 * (size_t)head;
+        uint64_t ctr = ++q->counter;
+        memcpy(e + 8, &ctr, 8);
+        e[0] = 1;
+    }
+}
+
+void vsd_push(struct vsd_queue *q, uint16_t head, uint32_t written)
+{
+    uint8_t *e = q->used + 4 + 8 * (size_t)(q->used_idx & q->mask);
+    st32(e, head);
+    st32(e + 4, written);
+    q->used_idx++;
+    q->completed[q->ncompleted++] = head;
+}
+
+/* Publish pushed entries; clear them in the inflight region; signal if wanted.
+ * Returns 1 if the call eventfd was written. */
+int vsd_flush(struct vsd_queue *q)
+{
+    uint32_t k;
+    uint16_t old, new_idx;
+    int notify;
+    if (!q->ncompleted)
+        return 0;
+    st16_rel(q->used + 2, q->used_idx);
+    if (q->inflight) {
+        st16(q->inflight + 12, q->completed[q->ncompleted - 1]);    /* last_batch_head */
+        for (k = 0; k < q->ncompleted; k++)
+            q->inflight[16 + 16 * (size_t)q->completed[k]] = 0;
+        st16(q->inflight + 14, q->used_idx);
+    }
+    q->ncompleted = 0;
+    q->st_batches++;
+    mb();
+    if (q->event_idx) {
+        old = q->signalled_used;
+        new_idx = q->signalled_used = q->used_idx;
+        if (!q->signalled_valid) {
+            q->signalled_valid = 1;
+            notify = 1;
+        } else {
+            uint16_t ev = ld16(q->avail + 4 + 2 * (size_t)q->size);
+            notify = (uint16_t)(new_idx - ev - 1) < (uint16_t)(new_idx - old);
+        }
+    } else {
+        notify = !(ld16(q->avail) & AVAIL_F_NO_INTERRUPT);
+    }
+    if (notify && q->call_fd >= 0) {
+        uint64_t one = 1;
+        if (write(q->call_fd, &one, 8) == 8)
+            q->st_calls++;
+        return 1;
+    }
+    return 0;
+}
+
+static void disable_kicks(struct vsd_queue *q)
+{
+    if (!q->event_idx)
+        st16(q->used, USED_F_NO_NOTIFY);
+}
+
+/* Returns 1 if more work arrived meanwhile. */
+static int enable_kicks(struct vsd_queue *q)
+{
+    if (q->event_idx)
+        st16(q->used + 4 + 8 * (size_t)q->size, q->last_avail);
+    else
+        st16(q->used, 0);
+    mb();
+    return ld16_acq(q->avail + 2) != q->last_avail;
+}
+
+/* ------------------------------------------------------------------ io_uring (raw syscalls) */
+
+struct vsd_io {
+    uint16_t head;
+    uint16_t pad;
+    uint32_t written;      /* bytes to report in the used entry on success */
+    uint64_t expect;       /* bytes the I/O must transfer */
+    uint8_t *resp;         /* response header (12 bytes) */
+    int write;
+    int nullio;
+    struct iovec iov[VSD_MAX_IOV];
+    int niov;
+    struct __kernel_timespec ts;
+};
+
+struct vsd_uring {
+    int fd;
+    unsigned sq_entries, cq_entries;
+    uint8_t *sq_ring, *cq_ring;
+    size_t sq_ring_sz, cq_ring_sz;
+    struct io_uring_sqe *sqes;
+    size_t sqes_sz;
+    unsigned *sq_head, *sq_tail, *sq_mask, *sq_array;
+    unsigned *cq_head, *cq_tail, *cq_mask;
+    struct io_uring_cqe *cqes;
+    unsigned to_submit;
+    struct vsd_io *ios;          /* one per descriptor head */
+    int event_fd;
+};
+
+static int sys_setup(unsigned entries, struct io_uring_params *p)
+{
+    return (int)syscall(__NR_io_uring_setup, entries, p);
+}
+
+static int sys_enter(int fd, unsigned to_submit, unsigned min_complete, unsigned flags)
+{
+    return (int)syscall(__NR_io_uring_enter, fd, to_submit, min_complete, flags, NULL, 0);
+}
+
+static int sys_register(int fd, unsigned op, void *arg, unsigned n)
+{
+    return (int)syscall(__NR_io_uring_register, fd, op, arg, n);
+}
+
+void vsd_uring_free(struct vsd_uring *u)
+{
+    if (!u)
+        return;
+    if (u->sqes && u->sqes != MAP_FAILED)
+        munmap(u->sqes, u->sqes_sz);
+    if (u->cq_ring && u->cq_ring != MAP_FAILED && u->cq_ring != u->sq_ring)
+        munmap(u->cq_ring, u->cq_ring_sz);
+    if (u->sq_ring && u->sq_ring != MAP_FAILED)
+        munmap(u->sq_ring, u->sq_ring_sz);
+    if (u->fd >= 0)
+        close(u->fd);
+    u->fd = -1;
+    u->sqes = NULL;
+    u->sq_ring = u->cq_ring = NULL;
+}
+
+/* Set up a ring of `entries` (>= queue size). Returns 0, or -errno (io_uring
+ * unavailable: the caller keeps the synchronous path). */
+int vsd_uring_init(struct vsd_uring *u, unsigned entries, int event_fd, struct vsd_io *ios)
+{
+    struct io_uring_params p;
+    memset(&p, 0, sizeof p);
+    memset(u, 0, sizeof *u);
+    u->fd = -1;
+    u->ios = ios;
+    u->event_fd = -1;
+    p.flags = IORING_SETUP_CQSIZE;
+    p.cq_entries = entries * 2;
+    u->fd = sys_setup(entries, &p);
+    if (u->fd < 0)
+        return -errno;
+    u->sq_entries = p.sq_entries;
+    u->cq_entries = p.cq_entries;
+    u->sq_ring_sz = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+    u->cq_ring_sz = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+    if (p.features & IORING_FEAT_SINGLE_MMAP) {
+        if (u->cq_ring_sz > u->sq_ring_sz)
+            u->sq_ring_sz = u->cq_ring_sz;
+        u->cq_ring_sz = u->sq_ring_sz;
+    }
+    u->sq_ring = mmap(NULL, u->sq_ring_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+                      u->fd, IORING_OFF_SQ_RING);
+    if (u->sq_ring == MAP_FAILED) {
+        int e = -errno;
+        u->sq_ring = NULL;
+        vsd_uring_free(u);
+        return e;
+    }
+    if (p.features & IORING_FEAT_SINGLE_MMAP) {
+        u->cq_ring = u->sq_ring;
+    } else {
+        u->cq_ring = mmap(NULL, u->cq_ring_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+                          u->fd, IORING_OFF_CQ_RING);
+        if (u->cq_ring == MAP_FAILED) {
+            int e = -errno;
+            u->cq_ring = NULL;
+            vsd_uring_free(u);
+            return e;
+        }
+    }
+    u->sqes_sz = p.sq_entries * sizeof(struct io_uring_sqe);
+    u->sqes = mmap(NULL, u->sqes_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+                   u->fd, IORING_OFF_SQES);
+    if (u->sqes == MAP_FAILED) {
+        int e = -errno;
+        u->sqes = NULL;
+        vsd_uring_free(u);
+        return e;
+    }
+    u->sq_head = (unsigned *)(u->sq_ring + p.sq_off.head);
+    u->sq_tail = (unsigned *)(u->sq_ring + p.sq_off.tail);
+    u->sq_mask = (unsigned *)(u->sq_ring + p.sq_off.ring_mask);
+    u->sq_array = (unsigned *)(u->sq_ring + p.sq_off.array);
+    u->cq_head = (unsigned *)(u->cq_ring + p.cq_off.head);
+    u->cq_tail = (unsigned *)(u->cq_ring + p.cq_off.tail);
+    u->cq_mask = (unsigned *)(u->cq_ring + p.cq_off.ring_mask);
+    u->cqes = (struct io_uring_cqe *)(u->cq_ring + p.cq_off.cqes);
+    if (event_fd >= 0) {
+        if (sys_register(u->fd, IORING_REGISTER_EVENTFD, &event_fd, 1) < 0) {
+            int e = -errno;
+            vsd_uring_free(u);
+            return e;
+        }
+        u->event_fd = event_fd;
+    }
+    return 0;
+}
+
+static struct io_uring_sqe *get_sqe(struct vsd_uring *u)
+{
+    unsigned head = __atomic_load_n(u->sq_head, __ATOMIC_ACQUIRE);
+    unsigned tail = *u->sq_tail + u->to_submit;
+    struct io_uring_sqe *sqe;
+    if (tail - head >= u->sq_entries)
+        return NULL;
+    sqe = &u->sqes[tail & *u->sq_mask];
+    memset(sqe, 0, sizeof *sqe);
+    u->sq_array[tail & *u->sq_mask] = tail & *u->sq_mask;
+    u->to_submit++;
+    return sqe;
+}
+
+static int submit(struct vsd_uring *u)
+{
+    int r;
+    if (!u->to_submit)
+        return 0;
+    __atomic_store_n(u->sq_tail, *u->sq_tail + u->to_submit, __ATOMIC_RELEASE);
+    r = sys_enter(u->fd, u->to_submit, 0, 0);
+    if (r >= 0)
+        u->to_submit -= (unsigned)r < u->to_submit ? (unsigned)r : u->to_submit;
+    return r;
+}
+
+/* ------------------------------------------------------------------ the fast path */
+
+static inline void ok_response(uint8_t *resp)
+{
+    memset(resp, 0, 12);        /* sense_len 0, residual 0, qualifier 0, GOOD, VIRTIO_SCSI_S_OK */
+}
+
+static int do_sync_io(struct vsd_lun *l, int is_write, struct iovec *iov, int niov,
+                      uint64_t off, uint64_t len, int fua)
+{
+    while (len) {
+        ssize_t n;
+        if (is_write)
+            n = pwritev2(l->fd, iov, niov, (off_t)off, fua ? RWF_DSYNC : 0);
+        else
+            n = preadv(l->fd, iov, niov, (off_t)off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        if (n == 0)
+            return -1;
+        len -= (uint64_t)n;
+        off += (uint64_t)n;
+        if (len)
+            niov = skip_iov(iov, niov, (size_t)n);
+    }
+    return 0;
+}
+
+/* Serve one request if it is on the fast path. 1 = completed or in flight, 0 = punt. */
+static int fast_one(struct vsd_queue *q, uint16_t head)
+{
+    static __thread struct chain c;
+    uint8_t hdr[19 + 64];
+    const uint8_t *h, *cdb;
+    uint32_t hdr_len = 19 + q->cdb_size, resp_len = 12 + q->sense_size;
+    uint8_t op, flags;
+    uint64_t lba, nblocks, bytes;
+    struct vsd_lun *l;
+    unsigned lun;
+    int is_write, fua = 0;
+    uint8_t *resp;
+
+    if (q->cdb_size > 64 || walk(q, head, &c))
+        return 0;
+    if (c.out_len < hdr_len || c.in_len < resp_len || c.in[0].iov_len < 12)
+        return 0;
+    if (c.out[0].iov_len >= hdr_len) {
+        h = c.out[0].iov_base;
+    } else {
+        gather(c.out, c.nout, hdr, hdr_len);
+        h = hdr;
+    }
+    /* LUN: 1, target 0, flat-space single-level LUN, four zero bytes */
+    if (h[0] != 1 || h[1] != 0 || (h[2] >> 6) != 1 || h[4] | h[5] | h[6] | h[7])
+        return 0;
+    lun = ((unsigned)(h[2] & 0x3F) << 8) | h[3];
+    if (lun >= (unsigned)q->nluns)
+        return 0;
+    l = &q->luns[lun];
+    if ((l->flags & (LUN_PRESENT | LUN_FAST)) != (LUN_PRESENT | LUN_FAST))
+        return 0;
+    cdb = h + 19;
+    op = cdb[0];
+    flags = cdb[1];
+    switch (op) {
+    case 0x28:  /* READ(10) */
+    case 0x2A:  /* WRITE(10) */
+        if ((cdb[6] & 0xC0) || (cdb[9] & 0x04))
+            return 0;
+        lba = be32(cdb + 2);
+        nblocks = ((uint32_t)cdb[7] << 8) | cdb[8];
+        break;
+    case 0x88:  /* READ(16) */
+    case 0x8A:  /* WRITE(16) */
+        if ((cdb[14] & 0xC0) || (cdb[15] & 0x04))
+            return 0;
+        lba = be64(cdb + 2);
+        nblocks = be32(cdb + 10);
+        break;
+    default:
+        return 0;
+    }
+    is_write = op & 0x02;
+    if (is_write) {
+        if (flags & ~0x18)              /* only DPO and FUA */
+            return 0;
+        if (l->flags & LUN_RO)
+            return 0;
+        fua = (flags & 0x08) || (l->state && !(*(volatile uint8_t *)l->state & STATE_WCE));
+    } else if (flags & ~0x10) {         /* only DPO (FUA reads take the reference path) */
+        return 0;
+    }
+    if (nblocks == 0 || lba >= l->num_blocks || nblocks > l->num_blocks - lba)
+        return 0;
+    bytes = nblocks << l->block_shift;
+    if (bytes > l->max_transfer_bytes)
+        return 0;
+    if (is_write) {
+        if (c.in_len != resp_len || c.out_len - hdr_len != bytes)
+            return 0;
+    } else {
+        if (c.out_len != hdr_len || c.in_len - resp_len != bytes)
+            return 0;
+    }
+    resp = c.in[0].iov_base;
+    if (is_write)
+        c.nout = skip_iov(c.out, c.nout, hdr_len);
+    else
+        c.nin = skip_iov(c.in, c.nin, resp_len);
+
+    if (l->flags & LUN_NULL) {
+        if (l->delay_ns && q->uring)
+            goto async;
+        if (!is_write) {
+            int k;
+            for (k = 0; k < c.nin; k++)
+                memset(c.in[k].iov_base, 0, c.in[k].iov_len);
+        }
+        goto done;
+    }
+    if (q->uring && (l->flags & LUN_ASYNC))
+        goto async;
+    if (do_sync_io(l, is_write, is_write ? c.out : c.in, is_write ? c.nout : c.nin,
+                   lba << l->block_shift, bytes, fua))
+        return 0;   /* let the reference path produce the right sense */
+done:
+    ok_response(resp);
+    if (is_write)
+        q->st_bytes_out += bytes;
+    else
+        q->st_bytes_in += bytes;
+    q->st_fast++;
+    vsd_push(q, head, resp_len + (is_write ? 0 : (uint32_t)bytes));
+    return 1;
+
+async: {
+        struct vsd_uring *u = q->uring;
+        struct vsd_io *io = &u->ios[head];
+        struct io_uring_sqe *sqe, *tsqe = NULL;
+        int n = is_write ? c.nout : c.nin;
+        /* Two SQEs: a timeout for the injected latency, hard-linked to the I/O. */
+        if (u->to_submit + 2 > u->sq_entries)
+            return 0;
+        io->head = head;
+        io->write = is_write;
+        io->expect = bytes;
+        io->resp = resp;
+        io->written = resp_len + (is_write ? 0 : (uint32_t)bytes);
+        io->niov = n;
+        io->nullio = (l->flags & LUN_NULL) != 0;
+        memcpy(io->iov, is_write ? c.out : c.in, sizeof(struct iovec) * (size_t)n);
+        if (l->delay_ns) {
+            tsqe = get_sqe(u);
+            if (!tsqe)
+                return 0;
+            io->ts.tv_sec = (long long)(l->delay_ns / 1000000000ULL);
+            io->ts.tv_nsec = (long long)(l->delay_ns % 1000000000ULL);
+            tsqe->opcode = IORING_OP_TIMEOUT;
+            tsqe->addr = (uint64_t)(uintptr_t)&io->ts;
+            tsqe->len = 1;
+            tsqe->flags = IOSQE_IO_HARDLINK;
+            tsqe->user_data = ((uint64_t)head << 1) | 1;     /* odd: the timer part */
+        }
+        sqe = get_sqe(u);
+        if (!sqe)
+            return 0;   /* cannot happen: room was checked */
+        if (l->flags & LUN_NULL) {
+            sqe->opcode = IORING_OP_NOP;
+        } else {
+            sqe->opcode = is_write ? IORING_OP_WRITEV : IORING_OP_READV;
+            sqe->fd = l->fd;
+            sqe->off = lba << l->block_shift;
+            sqe->addr = (uint64_t)(uintptr_t)io->iov;
+            sqe->len = (unsigned)n;
+            if (is_write && fua)
+                sqe->rw_flags = RWF_DSYNC;
+        }
+        sqe->user_data = (uint64_t)head << 1;
+        if (!is_write && (l->flags & LUN_NULL)) {
+            int k;
+            for (k = 0; k < n; k++)
+                memset(io->iov[k].iov_base, 0, io->iov[k].iov_len);
+        }
+        q->in_flight++;
+        if (q->in_flight > q->st_max_in_flight)
+            q->st_max_in_flight = q->in_flight;
+        q->st_async++;
+        return 1;
+    }
+}
+
+/* Reap io_uring completions. Returns the number of requests completed; heads
+ * whose I/O failed or came up short are written to `slow` for the reference path. */
+static int reap(struct vsd_queue *q, uint16_t *slow, int *nslow, int max_slow)
+{
+    struct vsd_uring *u = q->uring;
+    unsigned head, tail;
+    int done = 0;
+    if (!u)
+        return 0;
+    head = *u->cq_head;
+    tail = __atomic_load_n(u->cq_tail, __ATOMIC_ACQUIRE);
+    while (head != tail) {
+        struct io_uring_cqe *cqe = &u->cqes[head & *u->cq_mask];
+        uint64_t ud = cqe->user_data;
+        int res = cqe->res;
+        head++;
+        if (ud & 1)
+            continue;                   /* the latency timer fired (-ETIME): expected */
+        if (*nslow >= max_slow) {
+            head--;                     /* no room to hand a failure back: next pass */
+            break;
+        }
+        if (q->in_flight)
+            q->in_flight--;
+        {
+            uint16_t h = (uint16_t)(ud >> 1);
+            struct vsd_io *io = &u->ios[h];
+            /* A NOP (null LUN) reports 0; an I/O must move every byte. Short or
+             * failed transfers are redone by the reference path, which loops on
+             * short I/O and turns errors into the right sense data. */
+            int ok = io->nullio ? res >= 0 : (res >= 0 && (uint64_t)res == io->expect);
+            if (ok) {
+                ok_response(io->resp);
+                if (io->write)
+                    q->st_bytes_out += io->expect;
+                else
+                    q->st_bytes_in += io->expect;
+                q->st_fast++;
+                vsd_push(q, h, io->written);
+                done++;
+            } else {
+                slow[(*nslow)++] = h;
+            }
+        }
+    }
+    __atomic_store_n(u->cq_head, head, __ATOMIC_RELEASE);
+    return done;
+}
+
+/*
+ * One pass over the queue: reap finished asynchronous I/O, pop new requests
+ * (up to `budget`), serve the fast ones and return the rest in `slow` for the
+ * reference path. Returns the number of slow heads, or -1 when the ring is
+ * broken (q->broken says why: 1 = avail index jump, 2 = head out of range).
+ * q->more is set when the pass stopped early and should be repeated soon.
+ */
+int vsd_run(struct vsd_queue *q, uint16_t *slow, int max_slow, int budget)
+{
+    int nslow = 0, done = 0;
+    q->more = 0;
+    if (q->broken)
+        return -1;
+    reap(q, slow, &nslow, max_slow);
+    for (;;) {
+        uint16_t avail_idx, n;
+        disable_kicks(q);
+        avail_idx = ld16_acq(q->avail + 2);
+        n = (uint16_t)(avail_idx - q->last_avail);
+        if (n > q->size) {
+            q->broken = 1;
+            break;
+        }
+        rmb();
+        while (n) {
+            uint16_t head;
+            if (nslow >= max_slow || done >= budget) {
+                q->more = 1;
+                goto out;
+            }
+            head = ld16(q->avail + 4 + 2 * (size_t)(q->last_avail & q->mask));
+            if (head >= q->size) {
+                q->broken = 2;
+                goto out;
+            }
+            q->last_avail++;
+            n--;
+            done++;
+            inflight_get(q, head);
+            if (!fast_one(q, head)) {
+                q->st_slow++;
+                slow[nslow++] = head;
+            }
+        }
+        if (q->uring)
+            submit(q->uring);
+        if (!enable_kicks(q))
+            break;
+    }
+out:
+    if (q->uring)
+        submit(q->uring);
+    if (q->broken && nslow == 0)
+        return -1;
+    return nslow;
+}
+
+/* Resubmitted heads (recovered from the inflight region): serve or punt them. */
+int vsd_resubmit(struct vsd_queue *q, const uint16_t *heads, int n, uint16_t *slow)
+{
+    int k, nslow = 0;
+    for (k = 0; k < n; k++) {
+        if (heads[k] >= q->size)
+            continue;
+        if (!fast_one(q, heads[k]))
+            slow[nslow++] = heads[k];
+    }
+    if (q->uring)
+        submit(q->uring);
+    return nslow;
+}
+
+/* Wait for every asynchronous I/O to finish (before a stop or a memory change).
+ * Returns the number of slow heads handed back (failed I/O to redo in Python). */
+int vsd_drain(struct vsd_queue *q, uint16_t *slow, int max_slow)
+{
+    int nslow = 0;
+    if (!q->uring)
+        return 0;
+    submit(q->uring);
+    while (q->in_flight > 0 && nslow < max_slow) {
+        int before = nslow;
+        unsigned h = *q->uring->cq_head, t = __atomic_load_n(q->uring->cq_tail, __ATOMIC_ACQUIRE);
+        if (h == t)
+            sys_enter(q->uring->fd, 0, 1, IORING_ENTER_GETEVENTS);
+        reap(q, slow, &nslow, max_slow);
+        (void)before;
+    }
+    return nslow;
+}
+
+int vsd_uring_pending(struct vsd_queue *q)
+{
+    if (!q->uring)
+        return 0;
+    return *q->uring->cq_head != __atomic_load_n(q->uring->cq_tail, __ATOMIC_ACQUIRE);
+}

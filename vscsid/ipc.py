@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 from typing import Any, Sequence
 
 MAX_MSG = 1 << 20
@@ -64,9 +65,21 @@ def send(sock: socket.socket, msg: dict, fds: Sequence[int] = ()) -> None:
         sock.send(data)
 
 
+_FD = struct.Struct("i")
+
+
 def recv(sock: socket.socket, flags: int = 0) -> tuple[dict[str, Any], list[int]]:
-    """Receive one message (pass ``socket.MSG_DONTWAIT`` to never block)."""
-    data, fds, flags, _ = socket.recv_fds(sock, MAX_MSG, MAX_FDS, flags | socket.MSG_CMSG_CLOEXEC)
+    """Receive one message (pass ``socket.MSG_DONTWAIT`` to never block).
+
+    Uses ``recvmsg`` directly: ``socket.recv_fds`` ignores its ``flags`` argument
+    on Python 3.11, so neither MSG_DONTWAIT nor MSG_CMSG_CLOEXEC would apply."""
+    data, anc, flags, _ = sock.recvmsg(MAX_MSG, socket.CMSG_SPACE(MAX_FDS * _FD.size),
+                                       flags | socket.MSG_CMSG_CLOEXEC)
+    fds: list[int] = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % _FD.size
+            fds.extend(struct.unpack(f"{usable // _FD.size}i", payload[:usable]))
     if flags & socket.MSG_CTRUNC:
         for fd in fds:
             os.close(fd)

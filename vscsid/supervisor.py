@@ -38,7 +38,8 @@ from .protocol import (
 )
 from .protocol import Inflight as InflightPayload
 from vscsid.workers.inflight import queue_region_size
-from .workerpool import WorkerGone, WorkerHandle, WState, describe_exit
+from .lifecycle import Action, Policy, WState
+from .workerpool import WorkerGone, WorkerHandle, describe_exit
 
 BLKGETSIZE64 = 0x80081272
 RECV_SIZE = 65536
@@ -735,7 +736,8 @@ _REPLY_ON_ERROR = {
 
 class Supervisor:
     def __init__(self, cfg: DaemonConfig, listener: socket.socket, luns: LunTable,
-                 ops: OsOps | None = None):
+                 ops: OsOps | None = None, policy: Policy | None = None,
+                 stats_interval: float = 60.0):
         self.cfg = cfg
         self.listener = listener
         self.luns = luns
@@ -751,6 +753,10 @@ class Supervisor:
         self._stop_event: asyncio.Event | None = None
         self._signal_queue: list[int] = []
         self.log_settings = vlog.settings()
+        self.policy = policy or Policy()
+        self.stats_interval = stats_interval
+        from .stats import ProcessStats
+        self.proc_stats = ProcessStats()
 
     def worker_for(self, ring_index: int) -> WorkerHandle:
         return self.workers[ring_index - FIRST_REQUEST_QUEUE]
@@ -768,36 +774,30 @@ class Supervisor:
                               sense_size=cfg.sense_size if cfg else 96, timeout=60)
         if not rep.get("ok"):
             raise RuntimeError(f"worker {w.queue} failed to configure: {rep.get('error')}")
-        w.state = WState.RUNNING
+        w.life.configured(self.ops.monotonic())
 
     def _on_worker_exit(self, w: WorkerHandle, code: int) -> None:
-        if self.stopping or w.state == WState.STOPPING:
-            w.state = WState.STOPPED
+        if self.stopping:
+            w.life.stopping()
+        decision = w.life.exited(self.ops.monotonic(), code)
+        if decision.action == Action.NONE:
             w.log.info("worker_exited", status=describe_exit(code))
             return
-        w.log.error("worker_died", status=describe_exit(code))
-        w.state = WState.BACKOFF
-        self.loop.create_task(self._restart(w))
-
-    async def _restart(self, w: WorkerHandle) -> None:
-        now = self.ops.monotonic()
-        if now - w.started_at < 5.0:
-            w.quick_failures += 1
-        else:
-            w.quick_failures = 0
-        if w.quick_failures >= 5:
-            w.state = WState.FATAL
-            self.log.critical("worker_failing_repeatedly", queue=w.queue,
-                              failures=w.quick_failures)
+        w.log.error("worker_died", status=describe_exit(code), next=decision.action.value,
+                    delay=decision.delay, reason=decision.reason)
+        if decision.action == Action.FATAL:
+            self.log.critical("worker_failing_repeatedly", queue=w.queue, reason=decision.reason,
+                              status=describe_exit(code))
             self.exit_code = 1
             self.request_stop()
             return
-        delay = min(0.1 * (2 ** w.quick_failures), 5.0) if w.quick_failures else 0.0
+        self.loop.create_task(self._restart(w, decision.delay))
+
+    async def _restart(self, w: WorkerHandle, delay: float) -> None:
         if delay:
             await asyncio.sleep(delay)
         if self.stopping:
             return
-        w.restarts += 1
         self._spawn(w)
         try:
             await self._configure(w)
@@ -806,6 +806,54 @@ class Supervisor:
         except Exception as exc:
             w.log.error("worker_restart_failed", error=str(exc))
             w.signal(signal.SIGKILL)
+
+    async def _heartbeat_loop(self) -> None:
+        """Ping every worker; a worker that stops answering gets SIGABRT (it dumps
+        its stack), then SIGKILL; its exit then restarts it like any crash."""
+        interval = self.policy.heartbeat_interval
+        last_stats = self.ops.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            now = self.ops.monotonic()
+            pings = [w for w in self.workers if w.alive and w.chan is not None
+                     and w.state in (WState.RUNNING, WState.STARTING)]
+            results = await asyncio.gather(*(w.request("ping", timeout=interval)
+                                             for w in pings), return_exceptions=True)
+            now = self.ops.monotonic()
+            for w, res in zip(pings, results):
+                if isinstance(res, dict) and res.get("ok"):
+                    w.life.heartbeat(now)
+                    w.last_stats = res
+            for w in self.workers:
+                if not w.alive:
+                    continue
+                d = w.life.check(now)
+                if d.action == Action.ABORT:
+                    w.log.error("worker_hung", reason=d.reason, action="SIGABRT")
+                    w.signal(signal.SIGABRT)
+                elif d.action == Action.KILL:
+                    w.log.error("worker_hung", reason=d.reason, action="SIGKILL")
+                    w.signal(signal.SIGKILL)
+            if self.stats_interval and now - last_stats >= self.stats_interval:
+                last_stats = now
+                self.log_stats()
+
+    def log_stats(self) -> None:
+        """One structured line per worker (and one for the supervisor): CPU time,
+        context switches and private memory (USS: RSS also counts the guest
+        memory every worker maps) from psutil, request counters from the worker."""
+        keys = ("cpu_user_s", "cpu_system_s", "ctx_voluntary", "ctx_involuntary", "mem_uss",
+                "num_fds")
+        for w in self.workers:
+            sample = self.proc_stats.sample(w.pid) if w.alive else None
+            ring = (w.last_stats or {}).get("stats", {})
+            w.log.info("worker_stats", state=w.state.value, restarts=w.life.restarts,
+                       requests=ring.get("requests"), fast=ring.get("fast"),
+                       in_flight=(w.last_stats or {}).get("in_flight"),
+                       **({k: sample[k] for k in keys} if sample else {}))
+        me = self.proc_stats.sample(os.getpid())
+        if me:
+            self.log.info("supervisor_stats", **{k: me[k] for k in keys})
 
     # ------------------------------------------------------------------ main
     def request_stop(self) -> None:
@@ -833,7 +881,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self.loop.add_signal_handler(sig, self._on_signal, sig)
         self.workers = [WorkerHandle(q, self.loop, self.ops, on_event=self._on_worker_event,
-                                     on_exit=self._on_worker_exit)
+                                     on_exit=self._on_worker_exit, policy=self.policy)
                         for q in range(self.cfg.num_queues)]
         for w in self.workers:
             self._spawn(w)
@@ -846,11 +894,13 @@ class Supervisor:
                 return 1
         self.listener.setblocking(False)
         accept_task = self.loop.create_task(self._accept_loop())
+        heartbeat_task = self.loop.create_task(self._heartbeat_loop())
         self.log.info("ready", socket=self.cfg.socket_path or f"fd:{self.cfg.listen_fd}",
                       queues=self.cfg.num_queues, luns=len(self.luns.specs),
                       workers=[w.pid for w in self.workers])
         await self._stop_event.wait()
         accept_task.cancel()
+        heartbeat_task.cancel()
         await self._shutdown()
         return self.exit_code
 
@@ -885,7 +935,7 @@ class Supervisor:
             except asyncio.TimeoutError:
                 self.log.error("session_teardown_timeout")
         for w in self.workers:
-            w.state = WState.STOPPING
+            w.life.stopping()
             if w.chan is not None:
                 try:
                     await w.request("exit", timeout=5)

@@ -25,15 +25,7 @@ from typing import Any, Awaitable, Callable, Sequence
 
 from . import ipc
 from . import log as vlog
-
-
-class WState(enum.Enum):
-    STARTING = "starting"
-    RUNNING = "running"
-    BACKOFF = "backoff"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-    FATAL = "fatal"
+from .lifecycle import Lifecycle, Policy, WState
 
 
 class WorkerGone(Exception):
@@ -45,7 +37,7 @@ class WorkerHandle:
 
     def __init__(self, queue: int, loop: asyncio.AbstractEventLoop, ops, *,
                  on_event: Callable[["WorkerHandle", dict], None],
-                 on_exit: Callable[["WorkerHandle", int], None]):
+                 on_exit: Callable[["WorkerHandle", int], None], policy: Policy | None = None):
         self.queue = queue
         self.loop = loop
         self.ops = ops
@@ -54,13 +46,11 @@ class WorkerHandle:
         self.pid = 0
         self.pidfd = -1
         self.chan: socket.socket | None = None
-        self.state = WState.STOPPED
+        self.life = Lifecycle(policy)
         self.pending: dict[int, asyncio.Future] = {}
         self._seq = itertools.count(1)
-        self.started_at = 0.0
-        self.restarts = 0
-        self.quick_failures = 0
         self.last_exit: int | None = None
+        self.last_stats: dict = {}
         self.log = vlog.get(queue=queue, vq=queue + 2)
 
     # ------------------------------------------------------------------ process
@@ -73,8 +63,7 @@ class WorkerHandle:
             child.close()
         self.pidfd = self.ops.pidfd_open(self.pid)
         self.chan = parent
-        self.state = WState.STARTING
-        self.started_at = self.ops.monotonic()
+        self.life.spawned(self.ops.monotonic())
         self.log = vlog.get(queue=self.queue, vq=self.queue + 2, worker_pid=self.pid)
         self.loop.add_reader(self.chan.fileno(), self._on_channel)
         self.loop.add_reader(self.pidfd, self._on_pidfd)
@@ -106,6 +95,10 @@ class WorkerHandle:
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(exc)
+
+    @property
+    def state(self) -> WState:
+        return self.life.state
 
     def signal(self, sig: int) -> None:
         if self.pidfd >= 0:

@@ -34,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     _die_with_parent()
+    # A hung worker gets SIGABRT from the supervisor's heartbeat check: dump
+    # every thread's stack to stderr (the daemon's log) before dying.
+    import faulthandler
+
+    faulthandler.enable()
     if args.parent_pid and os.getppid() != args.parent_pid:
         return 1  # the supervisor died before we got here
     # The supervisor handles SIGINT/SIGTERM for the whole daemon and drains

@@ -48,6 +48,7 @@ OFFERED_FEATURES = feature_mask(VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
 OFFERED_PROTOCOL_FEATURES = feature_mask(
     ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG,
     ProtocolFeature.RESET_DEVICE, ProtocolFeature.STATUS, ProtocolFeature.INFLIGHT_SHMFD,
+    ProtocolFeature.CONFIGURE_MEM_SLOTS,
 )
 
 # virtio-scsi config space (virtio spec 5.6.4), little endian

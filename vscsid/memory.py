@@ -4,8 +4,10 @@ Each region arrives as an fd plus ``(guest_phys_addr, memory_size,
 userspace_addr, mmap_offset)``. We map the fd from file offset 0 for
 ``mmap_offset + memory_size`` bytes (the offset need not be page aligned) and
 look at the window ``[mmap_offset, mmap_offset + memory_size)``. Before mapping,
-the fd's real size (fstat) must cover that window: mapping past the end of a
-file gives SIGBUS on access, which would kill the process.
+the fd's real size (fstat, or BLKGETSIZE64 for a block device) must cover that
+window: mapping past the end of a file gives SIGBUS on access, which would kill
+the process. For the same reason a sealable file (a memfd) gets F_SEAL_SHRINK
+before it is checked, so the front end cannot shrink it under the mapping later.
 
 Two address spaces are translated:
 
@@ -21,13 +23,16 @@ validation) and by every worker (the data path).
 """
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import stat
+import struct
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 U64_MAX = (1 << 64) - 1
+BLKGETSIZE64 = 0x80081272
 
 
 class GuestMemoryError(Exception):
@@ -80,9 +85,10 @@ def validate_table(specs: Sequence[RegionSpec], *, max_regions: int) -> None:
 class Region:
     """One mapped region."""
 
-    __slots__ = ("gpa", "size", "uva", "mmap_offset", "gpa_end", "uva_end", "_mm", "view")
+    __slots__ = ("gpa", "size", "uva", "mmap_offset", "gpa_end", "uva_end", "_mm", "view", "fd")
 
     def __init__(self, spec: RegionSpec, fd: int):
+        self.fd = fd   # not owned: whoever passed it keeps (and closes) it
         self.gpa = spec.guest_phys_addr
         self.size = spec.memory_size
         self.uva = spec.userspace_addr
@@ -93,9 +99,18 @@ class Region:
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)):
             raise GuestMemoryError(f"region fd is not a mappable file (mode {st.st_mode:#o})")
         need = self.mmap_offset + self.size
-        if stat.S_ISREG(st.st_mode) and st.st_size < need:
+        if stat.S_ISREG(st.st_mode):
+            # A front end that shrinks the file under our mapping would turn every
+            # access into SIGBUS: forbid shrinking where the file allows sealing
+            # (memfds; QEMU's memory-backend-memfd seals them itself by default).
+            _seal_shrink(fd)
+            st = os.fstat(fd)
+            size = st.st_size
+        else:
+            size = _blockdev_size(fd) if stat.S_ISBLK(st.st_mode) else None
+        if size is not None and size < need:
             raise GuestMemoryError(
-                f"region needs {need} bytes of its file but the file has only {st.st_size}")
+                f"region needs {need} bytes of its file but the file has only {size}")
         try:
             self._mm = mmap.mmap(fd, need, flags=mmap.MAP_SHARED,
                                  prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -117,6 +132,22 @@ class Region:
         self.view.release()
         self._mm.close()
         self._mm = None
+
+
+def _seal_shrink(fd: int) -> None:
+    """Best effort: add F_SEAL_SHRINK to a sealable file (a memfd)."""
+    try:
+        if not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    except (OSError, AttributeError):
+        pass      # not sealable (tmpfs/hugetlbfs file, sealing not allowed, F_SEAL_SEAL set)
+
+
+def _blockdev_size(fd: int) -> int | None:
+    try:
+        return struct.unpack("<Q", fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8))[0]
+    except OSError:
+        return None
 
 
 class GuestMemory:
@@ -148,6 +179,10 @@ class GuestMemory:
 
     def specs(self) -> list[RegionSpec]:
         return [r.spec() for r in self.regions]
+
+    def fds(self) -> list[int]:
+        """The region fds, in the same order as :meth:`specs`."""
+        return [r.fd for r in self.regions]
 
     def close(self) -> None:
         for r in self.regions:

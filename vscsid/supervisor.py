@@ -25,6 +25,7 @@ from typing import Any
 
 from . import ipc
 from . import log as vlog
+from . import systemd
 from .config import DaemonConfig, LunSpec
 from .control import ControlQueues
 from .device import (
@@ -357,26 +358,76 @@ class Session:
         table: MemoryTable = msg.payload
         specs = [RegionSpec(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
                  for r in table.regions]
-        fds = msg.fds
+        fds = list(msg.fds)
         try:
             new = GuestMemory.map(specs, fds, max_regions=8, generation=self.mem_generation + 1)
         except GuestMemoryError:
             for fd in fds:
                 self.ops.close(fd)
             raise
-        old, old_fds = self.mem, self.mem_fds
+        await self._swap_memory(new, fds, self.mem_fds)
+        return None
+
+    async def _swap_memory(self, new: GuestMemory, fds: list[int], retired_fds: list[int]) -> None:
+        """Install a new memory table everywhere: quiesce, remap, resume.
+
+        The control queues drop their views under their lock and rebuild them on
+        the new mapping; every worker drains its in-flight requests, remaps and
+        rebuilds its ring at the same indices. Only then is the old mapping
+        closed, so no view of it survives anywhere."""
+        old = self.mem
         self.mem_generation += 1
         async with self.control.lock:
             self.control.release_views()
-            self.mem, self.mem_fds = new, list(fds)
+            self.mem, self.mem_fds = new, fds
             self.control.rebuild_views()
         await self._send_memory_to_workers()
         if old is not None:
             _close_memory(old)
-        for fd in old_fds:
+        for fd in retired_fds:
             self.ops.close(fd)
         self.log.info("memory_table_set", generation=self.mem_generation,
                       regions=[r for r in new.region_info()])
+
+    # -- CONFIGURE_MEM_SLOTS
+    async def _h_get_max_mem_slots(self, msg):
+        return U64Payload(MAX_MEM_SLOTS)
+
+    async def _h_add_mem_reg(self, msg):
+        r = msg.payload.region
+        fd = msg.fds[0]
+        spec = RegionSpec(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
+        specs = (self.mem.specs() if self.mem is not None else []) + [spec]
+        fds = (self.mem.fds() if self.mem is not None else []) + [fd]
+        try:
+            new = GuestMemory.map(specs, fds, max_regions=MAX_MEM_SLOTS,
+                                  generation=self.mem_generation + 1)
+        except GuestMemoryError:
+            self.ops.close(fd)
+            raise
+        await self._swap_memory(new, self.mem_fds + [fd], [])
+        return None
+
+    async def _h_rem_mem_reg(self, msg):
+        for fd in msg.fds:       # the spec allows (and says to close) a stray fd
+            self.ops.close(fd)
+        msg.fds = []
+        r = msg.payload.region
+        if self.mem is None:
+            raise Rejected("REM_MEM_REG without a memory table")
+        keep = [(s, fd) for s, fd in zip(self.mem.specs(), self.mem.fds())
+                if not (s.guest_phys_addr == r.guest_phys_addr and s.memory_size == r.memory_size
+                        and s.userspace_addr == r.userspace_addr)]
+        if len(keep) == len(self.mem.regions):
+            raise Rejected(f"REM_MEM_REG: no region at GPA {r.guest_phys_addr:#x} size "
+                           f"{r.memory_size:#x}")
+        removed = [fd for fd in self.mem.fds() if fd not in {k[1] for k in keep}]
+        if keep:
+            new = GuestMemory.map([k[0] for k in keep], [k[1] for k in keep],
+                                  max_regions=MAX_MEM_SLOTS, generation=self.mem_generation + 1)
+        else:
+            new = GuestMemory([], generation=self.mem_generation + 1)
+        await self._swap_memory(new, [k[1] for k in keep], removed)
         return None
 
     async def _send_memory_to_workers(self, workers=None) -> None:
@@ -385,7 +436,8 @@ class Session:
         regions = [s.as_dict() for s in self.mem.specs()]
         targets = [w for w in (workers or self.sup.workers) if w.chan is not None]
         results = await asyncio.gather(*(
-            w.request("mem", self.mem_fds, regions=regions, generation=self.mem_generation)
+            w.request("mem", self.mem.fds(), regions=regions, generation=self.mem_generation,
+                      max_regions=MAX_MEM_SLOTS)
             for w in targets), return_exceptions=True)
         for w, res in zip(targets, results):
             if isinstance(res, BaseException) or not res.get("ok"):
@@ -712,6 +764,8 @@ class Inflight:
 
 
 MAX_INFLIGHT_QUEUE_SIZE = 32768
+#: Memory slots offered with CONFIGURE_MEM_SLOTS (ADD_MEM_REG / REM_MEM_REG).
+MAX_MEM_SLOTS = 32
 
 
 def seal_memfd(fd: int) -> None:
@@ -872,8 +926,10 @@ class Supervisor:
                 self.log.info("shutdown_requested", signal=signal.Signals(sig).name)
                 self.request_stop()
             elif sig == signal.SIGHUP:
+                systemd.reloading("reopening logs")
                 vlog.reopen()
                 self.log.info("logs_reopened")
+                systemd.ready(self._status_text())
 
     async def run(self) -> int:
         self.loop = asyncio.get_running_loop()
@@ -898,11 +954,36 @@ class Supervisor:
         self.log.info("ready", socket=self.cfg.socket_path or f"fd:{self.cfg.listen_fd}",
                       queues=self.cfg.num_queues, luns=len(self.luns.specs),
                       workers=[w.pid for w in self.workers])
+        systemd.ready(self._status_text())
+        watchdog_task = None
+        interval = systemd.watchdog_interval()
+        if interval:
+            watchdog_task = self.loop.create_task(self._watchdog_loop(interval))
         await self._stop_event.wait()
+        systemd.stopping("draining in-flight requests")
         accept_task.cancel()
         heartbeat_task.cancel()
+        if watchdog_task is not None:
+            watchdog_task.cancel()
         await self._shutdown()
         return self.exit_code
+
+    def _status_text(self) -> str:
+        where = self.cfg.socket_path or f"fd {self.cfg.listen_fd}"
+        if self.session is not None:
+            return (f"serving {len(self.luns.specs)} LUN(s) on {self.cfg.num_queues} queue(s) "
+                    f"to front end #{self.session.conn_id}")
+        return f"{len(self.luns.specs)} LUN(s), {self.cfg.num_queues} queue(s); waiting for a front end on {where}"
+
+    def healthy(self) -> bool:
+        """No worker hung or failing: what the systemd watchdog vouches for."""
+        return all(w.life.aborted_at is None and w.state != WState.FATAL for w in self.workers)
+
+    async def _watchdog_loop(self, interval: float) -> None:
+        while True:
+            if self.healthy():
+                systemd.watchdog_ping()
+            await asyncio.sleep(interval)
 
     async def _accept_loop(self) -> None:
         while True:
@@ -914,6 +995,7 @@ class Supervisor:
             self.conn_counter += 1
             self.session = Session(self, conn, self.conn_counter)
             self.log.info("frontend_connected", conn=self.conn_counter)
+            systemd.status(self._status_text())
             task = self.session.start()
             task.add_done_callback(self._session_done)
 
@@ -921,6 +1003,8 @@ class Supervisor:
         if not task.cancelled() and task.exception() is not None:
             self.log.error("session_crashed", error=repr(task.exception()))
         self.session = None
+        if not self.stopping:
+            systemd.status(self._status_text())
 
     def _on_worker_event(self, w: WorkerHandle, msg: dict) -> None:
         if self.session is not None:

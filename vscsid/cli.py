@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--queue-size", type=int, default=DEFAULT_QUEUE_SIZE, metavar="N",
                      help=f"maximum virtqueue size, a power of two <= {MAX_QUEUE_SIZE} "
                           f"(default {DEFAULT_QUEUE_SIZE})")
+    dev.add_argument("--cpu-affinity", metavar="CPUS",
+                     help="pin workers: a CPU list like 0-1 gives worker i CPU list[i %% n] "
+                          "(round robin); 0,1;2,3 gives explicit per-worker sets")
+    dev.add_argument("--stats-interval", type=float, default=60.0, metavar="SECONDS",
+                     help="log per-worker CPU, context switches, USS and request counters "
+                          "every SECONDS (0: never; default 60)")
     dev.add_argument("--engine", choices=("c", "python"),
                      default=os.environ.get("VSCSID_ENGINE", "c"),
                      help="data path: the C fast path with the Python reference behind it "
@@ -109,6 +115,17 @@ def _gid(name: str | None) -> int | None:
         raise ConfigError(f"unknown group {name!r}") from None
 
 
+def _affinity(spec: str | None) -> tuple[tuple[int, ...], ...]:
+    if spec is None:
+        return ()
+    from .stats import parse_cpu_affinity
+
+    try:
+        return tuple(tuple(s) for s in parse_cpu_affinity(spec))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def ensure_default_image(path: str, size: int = DEFAULT_IMAGE_SIZE) -> None:
     """Create the embedded default LUN: a sparse file (no blocks allocated)."""
     if os.path.exists(path):
@@ -148,7 +165,10 @@ def parse_config(argv: list[str] | None) -> tuple[DaemonConfig, argparse.Namespa
         queue_size=args.queue_size, log_format=args.log_format, log_level=args.log_level,
         socket_mode=mode, socket_owner=_uid(args.socket_owner),
         socket_group=_gid(args.socket_group), engine=args.engine,
+        cpu_affinity=_affinity(args.cpu_affinity),
     )
+    if args.stats_interval < 0:
+        raise ConfigError("--stats-interval must be >= 0")
     return cfg, args
 
 
@@ -199,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvloop
 
-    sup = Supervisor(cfg, listener, luns, ops)
+    sup = Supervisor(cfg, listener, luns, ops, stats_interval=args.stats_interval)
     try:
         return uvloop.run(sup.run())
     except KeyboardInterrupt:

@@ -818,6 +818,15 @@ class Supervisor:
     # ------------------------------------------------------------------ workers
     def _spawn(self, w: WorkerHandle) -> None:
         w.spawn(self.log_settings["format"], self.log_settings["level"])
+        if self.cfg.cpu_affinity:
+            from .stats import apply_affinity, format_cpus, worker_cpus
+
+            cpus = worker_cpus(self.cfg.cpu_affinity, w.queue)
+            try:
+                apply_affinity(w.pid, cpus)
+                w.log.info("worker_pinned", cpus=format_cpus(cpus))
+            except (OSError, ValueError) as exc:
+                w.log.error("worker_pin_failed", cpus=format_cpus(cpus), error=str(exc))
 
     async def _configure(self, w: WorkerHandle) -> None:
         entries, fds = self.luns.worker_config()

@@ -19,9 +19,21 @@ Typical use (the daemon must already listen on the socket)::
                            queues=4)
     assert check_disk_results(res, queues=4) == []
 
-Environment overrides: ``VSCSID_E2E_QEMU`` (QEMU binary), ``VSCSID_E2E_KERNEL``
-(kernel image; version from ``VSCSID_E2E_KVER`` or the ``vmlinuz-<ver>`` name),
-``VSCSID_E2E_CACHE`` (initramfs cache directory).
+Lifecycle tests (tests/e2e/test_lifecycle.py) run guest_scripts/fio_long.sh and
+act while the guest runs::
+
+    with Guest(initramfs=..., script="fio_long.sh", env=fio_long_env(runtime=16),
+               vhost_user_sockets=[sock], ndisks=1, qemu=find_qemu((8, 2)), reconnect=1.0) as g:
+        g.wait_for_result("fio.started", 90)     # fio's writes are completing
+        ...inject a fault...                      # kill a worker, restart the daemon, ...
+        res = g.wait(180)                         # or g.poweroff() to end the VM now
+    assert fio_long_summary(res)["problems"] == []
+
+Environment overrides: ``VSCSID_E2E_QEMU`` (QEMU binary), ``VSCSID_QEMU10`` (a
+QEMU >= 8.2 for the reconnect test; default /opt/vscsid-qemu10, installed by
+install_qemu10.sh), ``VSCSID_E2E_KERNEL`` (kernel image; version from
+``VSCSID_E2E_KVER`` or the ``vmlinuz-<ver>`` name), ``VSCSID_E2E_CACHE``
+(initramfs cache directory).
 """
 
 from __future__ import annotations
@@ -70,6 +82,10 @@ __all__ = [
     "e2e_skip_reason",
     "find_kernel",
     "find_qemu",
+    "fio_long_env",
+    "fio_long_summary",
+    "qemu_skip_reason",
+    "qemu_version",
     "make_script_cpio",
     "parse_sense",
     "parse_result_lines",
@@ -164,9 +180,56 @@ def find_kernel() -> KernelInfo | None:
     return max(found, key=lambda k: _version_key(k.version))
 
 
-def find_qemu() -> str | None:
-    q = os.environ.get("VSCSID_E2E_QEMU") or shutil.which("qemu-system-x86_64")
-    return q if q and os.access(q, os.X_OK) else None
+#: Where tests/e2e/install_qemu10.sh puts its private QEMU 10 (a wrapper script).
+DEFAULT_QEMU10 = "/opt/vscsid-qemu10/bin/qemu-system-x86_64"
+
+_qemu_versions: dict[str, tuple[int, ...] | None] = {}
+
+
+def qemu_version(qemu: str | Path) -> tuple[int, ...] | None:
+    """(major, minor, micro) of a QEMU binary from ``--version``; None if it does not run."""
+    key = str(qemu)
+    if key not in _qemu_versions:
+        ver = None
+        try:
+            p = subprocess.run([key, "--version"], capture_output=True, text=True, timeout=30)
+            m = re.search(r"QEMU emulator version (\d+)\.(\d+)(?:\.(\d+))?", p.stdout)
+            if m:
+                ver = tuple(int(x or 0) for x in m.groups())
+        except (OSError, subprocess.SubprocessError):
+            ver = None
+        _qemu_versions[key] = ver
+    return _qemu_versions[key]
+
+
+def find_qemu(min_version: tuple[int, ...] | None = None) -> str | None:
+    """The QEMU binary to use, or None.
+
+    Without ``min_version``: ``$VSCSID_E2E_QEMU`` or the system qemu-system-x86_64
+    (the QEMU 7.2 of Debian 12 that the main e2e tests run on).  With it (e.g.
+    ``(8, 2)`` for vhost-user-scsi reconnect): the first of ``$VSCSID_QEMU10``,
+    :data:`DEFAULT_QEMU10` (installed by install_qemu10.sh), ``$VSCSID_E2E_QEMU``
+    and the system QEMU whose version is at least ``min_version``.
+    """
+    if min_version is None:
+        q = os.environ.get("VSCSID_E2E_QEMU") or shutil.which("qemu-system-x86_64")
+        return q if q and os.access(q, os.X_OK) else None
+    for q in (os.environ.get("VSCSID_QEMU10"), DEFAULT_QEMU10, os.environ.get("VSCSID_E2E_QEMU"),
+              shutil.which("qemu-system-x86_64")):
+        if q and os.access(q, os.X_OK):
+            v = qemu_version(q)
+            if v is not None and v >= tuple(min_version):
+                return q
+    return None
+
+
+def qemu_skip_reason(min_version: tuple[int, ...]) -> str | None:
+    """Why no QEMU >= min_version is available (for pytest.skip), or None."""
+    if find_qemu(min_version) is not None:
+        return None
+    want = ".".join(map(str, min_version))
+    return (f"needs QEMU >= {want} (run tests/e2e/install_qemu10.sh as root, or set VSCSID_QEMU10 "
+            f"to a qemu-system-x86_64 >= {want})")
 
 
 def e2e_skip_reason() -> str | None:
@@ -792,6 +855,8 @@ class Guest:
         append: str = "",
         extra_args: Sequence[str] = (),
         socket_wait: float = 10.0,
+        reconnect: float | None = None,
+        name: str = "vscsid-e2e",
     ):
         self.kernel = kernel or find_kernel()
         self.qemu = qemu or find_qemu()
@@ -813,6 +878,10 @@ class Guest:
         self.append = append
         self.extra_args = list(extra_args)
         self.socket_wait = socket_wait
+        self.reconnect = reconnect
+        self.name = name
+        if reconnect is not None and reconnect <= 0:
+            raise ValueError("reconnect must be a positive number of seconds")
         if not self.sockets:
             for i, d in enumerate(self.disks):
                 if d.path is None:
@@ -827,6 +896,10 @@ class Guest:
         self.boot_seconds: float | None = None
         self.exited_at: float | None = None
         self._logf = None
+        # Results as they arrive (see poll_results): (host monotonic time, kind, name, obj).
+        self.records: list[tuple[float, str, str | None, dict]] = []
+        self._rpos = 0
+        self._rbuf = b""
 
     # ------------------------------------------------------------------ command
     def kernel_cmdline(self) -> str:
@@ -836,11 +909,28 @@ class Guest:
             parts.append(self.append)
         return " ".join(parts)
 
+    def qemu_version(self) -> tuple[int, ...] | None:
+        return qemu_version(self.qemu)
+
+    def reconnect_option(self) -> str:
+        """The ``-chardev socket`` suboption for ``reconnect`` ("" when not asked for).
+
+        QEMU >= 9.2 takes ``reconnect-ms=`` (milliseconds; plain ``reconnect=`` in
+        seconds is deprecated there); older QEMU only ``reconnect=`` (whole
+        seconds).  vhost-user-scsi honours it from QEMU 8.2 on.
+        """
+        if self.reconnect is None:
+            return ""
+        ver = self.qemu_version() or (0,)
+        if ver >= (9, 2):
+            return f",reconnect-ms={max(1, round(self.reconnect * 1000))}"
+        return f",reconnect={max(1, round(self.reconnect))}"
+
     def qemu_command(self, initrd: Path | None = None) -> list[str]:
         initrd = initrd or (self.workdir / "initrd.img")
         mem = f"{self.mem_mb}M"
         cmd = [
-            self.qemu, "-name", "vscsid-e2e",
+            self.qemu, "-name", self.name,
             "-accel", "tcg", "-cpu", "max", "-smp", str(self.smp), "-m", mem,
             # vhost-user needs guest RAM the back end can map: a shared memfd.  Used in
             # both modes so the guests are identical.
@@ -856,7 +946,7 @@ class Guest:
         ]
         if self.sockets:
             for i, s in enumerate(self.sockets):
-                cmd += ["-chardev", f"socket,id=vus{i},path={_esc(s)}",
+                cmd += ["-chardev", f"socket,id=vus{i},path={_esc(s)}{self.reconnect_option()}",
                         "-device", f"vhost-user-scsi-pci,id=vscsi{i},chardev=vus{i},num_queues={self.queues}"]
         elif self.disks:
             cmd += ["-device", f"virtio-scsi-pci,id=scsi0,num_queues={self.queues}"]
@@ -936,6 +1026,101 @@ class Guest:
     def __exit__(self, *exc) -> None:
         self.kill()
 
+    def poweroff(self, timeout: float = 30.0) -> int | None:
+        """End the VM now, the way a host power-off does; returns QEMU's exit status.
+
+        SIGTERM to QEMU is its orderly quit: it stops the vhost-user device (each
+        ring with GET_VRING_BASE) and closes the socket before exiting, like a
+        management layer's "quit"; the back end stays up and can serve another VM.
+        SIGKILL follows after ``timeout`` seconds.  Idempotent.
+        """
+        p = self.proc
+        if p is None:
+            return None
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(p.pid, signal.SIGTERM)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.poll_results()
+        self.kill()
+        with contextlib.suppress(OSError):
+            (self.workdir / "initrd.img").unlink()  # ~90 MB; cmdline and test.sh stay
+        return p.returncode
+
+    # ------------------------------------------------------------------ live results
+    def poll_results(self) -> list[tuple[float, str, str | None, dict]]:
+        """Read result lines that arrived since the last call; returns the new records.
+
+        Each record is (host monotonic time it was seen, kind "R"/"BOOT"/"DONE",
+        name or None, decoded object); all of them accumulate in ``self.records``.
+        Only complete lines are parsed.  The time is when the host noticed the
+        line (poll resolution), an upper bound for when the guest wrote it.
+        """
+        try:
+            with open(self.results_log, "rb") as f:
+                f.seek(self._rpos)
+                chunk = f.read()
+        except OSError:
+            return []
+        self._rpos += len(chunk)
+        self._rbuf += chunk
+        if b"\n" not in chunk:
+            return []
+        now = time.monotonic()
+        complete, _, self._rbuf = self._rbuf.rpartition(b"\n")
+        new = []
+        for line in complete.decode("utf-8", errors="replace").replace("\r", "").split("\n"):
+            if not line.startswith("@@"):
+                continue
+            m = _LINE_RE.match(line)
+            if not m:
+                continue
+            try:
+                obj = _decode(json.loads(m.group(3)))
+            except (ValueError, TypeError):
+                continue
+            rec = (now, m.group(1), m.group(2), obj)
+            if m.group(1) == "BOOT" and self.boot_seconds is None and self.started_at is not None:
+                self.boot_seconds = now - self.started_at
+            new.append(rec)
+        self.records.extend(new)
+        return new
+
+    def result_records(self, name: str) -> list[tuple[float, dict]]:
+        """(host time seen, object) of every ``@@R name`` line so far, oldest first."""
+        self.poll_results()
+        return [(t, o) for t, kind, n, o in self.records if kind == "R" and n == name]
+
+    def wait_for_result(self, name: str, timeout: float = 60.0, *, count: int = 1,
+                        poll: float = 0.05) -> dict:
+        """Block until the guest has sent ``@@R name`` ``count`` times; return the count-th object.
+
+        For acting while the guest runs (kill a worker once fio issues I/O, ...).
+        The host time it was seen is ``self.result_records(name)[count - 1][0]``.
+        Raises GuestError if QEMU exits first (or the guest finished without it),
+        GuestTimeout after ``timeout`` seconds; QEMU is left running either way
+        (the context manager stops it).
+        """
+        if self.proc is None:
+            raise RuntimeError("guest not started")
+        deadline = time.monotonic() + timeout
+        while True:
+            exited = self.proc.poll() is not None
+            self.poll_results()
+            hits = [o for _t, kind, n, o in self.records if kind == "R" and n == name]
+            if len(hits) >= count:
+                return hits[count - 1]
+            if exited:
+                raise GuestError(f"QEMU exited ({self.proc.returncode}) before result {name!r}", self)
+            if any(kind == "DONE" for _t, kind, _n, _o in self.records):
+                raise GuestError(f"guest finished without result {name!r}", self)
+            if time.monotonic() > deadline:
+                raise GuestTimeout(f"no result {name!r} within {timeout:.0f}s", self)
+            time.sleep(poll)
+
     # ------------------------------------------------------------------ results
     def read_results(self) -> GuestResults:
         res = GuestResults()
@@ -983,20 +1168,11 @@ class Guest:
             raise RuntimeError("guest not started")
         deadline = self.started_at + timeout
         done_at = None
-        pos = 0
-        buf = b""
         try:
             while True:
                 exited = self.proc.poll() is not None
-                with contextlib.suppress(OSError):
-                    with open(self.results_log, "rb") as f:
-                        f.seek(pos)
-                        chunk = f.read()
-                    pos += len(chunk)
-                    buf += chunk
-                if self.boot_seconds is None and b"@@BOOT" in buf:
-                    self.boot_seconds = time.monotonic() - self.started_at
-                if done_at is None and re.search(rb"(^|\n)@@DONE [^\n]*\n", buf):
+                self.poll_results()
+                if done_at is None and any(kind == "DONE" for _t, kind, _n, _o in self.records):
                     done_at = time.monotonic()
                 if exited:
                     self.exited_at = time.monotonic()
@@ -1412,3 +1588,100 @@ def check_disk_results(res: GuestResults, disks: Sequence[DiskSpec] | None = Non
         if b2.get("lbprz") and s.get("unmap_rc") == 0 and s.get("unmap_nonzero") != 0:
             probs.append(f"{p}: LBPRZ set but unmapped blocks read back non-zero ({s.get('unmap_nonzero')} bytes)")
     return probs
+
+
+# --------------------------------------------------------------------------- long fio (lifecycle tests)
+
+
+def fio_long_env(*, runtime: int = 20, lun: int = 0, size_mb: int = 8, numjobs: int = 4, offset_mb: int = 1,
+                 iodepth: int = 8, bsrange: str = "4k-64k", start_ios: int = 64, max_rounds: int = 1000,
+                 mon_interval: float = 1) -> dict[str, Any]:
+    """Header variables for guest_scripts/fio_long.sh (see that script for their meaning).
+
+    The disk must be at least ``offset_mb + size_mb * numjobs`` MiB.
+    """
+    return {"DISK0_LUN": lun, "FIO_RUNTIME": int(runtime), "FIO_SIZE_MB": size_mb, "FIO_NUMJOBS": numjobs,
+            "FIO_OFFSET_MB": offset_mb, "FIO_IODEPTH": iodepth, "FIO_BSRANGE": bsrange,
+            "FIO_START_IOS": start_ios, "FIO_MAX_ROUNDS": max_rounds, "MON_INTERVAL": mon_interval}
+
+
+def _json_text(text: str | None) -> dict | None:
+    if not text:
+        return None
+    i = text.find("{")
+    if i < 0:
+        return None
+    try:
+        return json.loads(text[i:])
+    except ValueError:
+        return None
+
+
+def _fio_job_facts(j: dict | None) -> dict[str, Any]:
+    if not j or not j.get("jobs"):
+        return {"error": None}
+    job = j["jobs"][0]
+    out: dict[str, Any] = {"error": job.get("error")}
+    for ddir in ("read", "write"):
+        d = job.get(ddir, {})
+        out[f"{ddir}_bytes"] = d.get("io_bytes")
+        clat = d.get("clat_ns", {})
+        out[f"{ddir}_clat_max_ms"] = clat.get("max", 0) / 1e6 if clat.get("max") else 0.0
+    return out
+
+
+def fio_long_summary(res: GuestResults) -> dict[str, Any]:
+    """Distil fio_long.sh results; ``summary["problems"]`` lists everything that went wrong.
+
+    Keys: ``rounds``, ``round`` (per round: rc, error, bytes, clat max, duration),
+    ``verify`` (the final verify-only pass), ``gaps`` (per round: longest time with
+    no I/O completing, when it began, time to the first completion),
+    ``stall_ms`` (the largest of those: the guest-visible stall), ``max_clat_ms``
+    (the slowest single I/O), ``stderr`` (fio's error output), ``problems``.
+    """
+    probs: list[str] = []
+    s: dict[str, Any] = {"disk": res.value("fio.disk"), "wipe": res.value("fio.wipe"),
+                         "rounds": res.value("fio.rounds"), "round": [], "gaps": [], "stderr": ""}
+    if not s["disk"]:
+        probs.append("fio_long: disk not found in the guest")
+    if res.done is None or res.done.get("rc") != 0:
+        probs.append(f"fio_long: guest script did not finish cleanly: {res.done}")
+    n = s["rounds"] if isinstance(s["rounds"], int) else 0
+    if n < 1:
+        probs.append(f"fio_long: no fio round completed (fio.rounds={s['rounds']!r})")
+    stall = 0.0
+    clat_max = 0.0
+    for k in range(1, n + 1):
+        r = res.get(f"fio.round.{k}") or {}
+        facts = _fio_job_facts(_json_text(r.get("out")))
+        facts.update(rc=r.get("rc"), seconds=(r["t1"] - r["t0"]) if "t0" in r and "t1" in r else None)
+        s["round"].append(facts)
+        if r.get("err", "").strip():
+            s["stderr"] += f"--- round {k}:\n{r['err'].strip()}\n"
+        if facts["rc"] != 0 or facts["error"] != 0:
+            probs.append(f"fio_long: round {k} failed: rc={facts['rc']} error={facts['error']} "
+                         f"{r.get('err', '').strip()[:300]}")
+        elif not facts.get("write_bytes") or not facts.get("read_bytes"):
+            probs.append(f"fio_long: round {k} wrote or verified nothing: {facts}")
+        clat_max = max(clat_max, facts.get("write_clat_max_ms") or 0, facts.get("read_clat_max_ms") or 0)
+        gap = str(res.value(f"fio.gap.{k}", "") or "").split()
+        if len(gap) == 4:
+            g = dict(zip(("max_gap_ms", "at_ms", "first_ms", "samples"), map(int, gap)))
+            s["gaps"].append(g)
+            stall = max(stall, g["max_gap_ms"], g["first_ms"])
+    v = res.get("fio.verify") or {}
+    vj = _fio_job_facts(_json_out(res, "fio.verify_json"))
+    vj["rc"] = v.get("rc")
+    s["verify"] = vj
+    if v.get("err", "").strip():
+        s["stderr"] += f"--- verify:\n{v['err'].strip()}\n"
+    if vj["rc"] != 0 or vj["error"] != 0:
+        probs.append(f"fio_long: final verify-only pass failed: {vj} {v.get('err', '').strip()[:300]}")
+    elif not vj.get("read_bytes"):
+        probs.append("fio_long: final verify-only pass read nothing")
+    if res.value("fio.done") not in (0, None) and not probs:
+        probs.append(f"fio_long: fio.done={res.value('fio.done')}")
+    s["stall_ms"] = stall
+    s["max_clat_ms"] = clat_max
+    s["problems"] = probs
+    return s

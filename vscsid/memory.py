@@ -57,8 +57,9 @@ class RegionSpec:
 
 def validate_table(specs: Sequence[RegionSpec], *, max_regions: int) -> None:
     """Check a memory table's shape without touching any fd."""
-    if not specs:
-        raise GuestMemoryError("memory table has no regions")
+    # An empty table is legal: it is what REM_MEM_REG of the last region leaves (every
+    # access then fails the bounds checks). SET_MEM_TABLE with no regions is refused
+    # by the protocol codec.
     if len(specs) > max_regions:
         raise GuestMemoryError(f"memory table has {len(specs)} regions, maximum is {max_regions}")
     for i, s in enumerate(specs):

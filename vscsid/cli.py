@@ -187,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
 
     vlog.setup(cfg.log_format, cfg.log_level, path=args.log_file, component="supervisor",
                pid=os.getpid())
+    import faulthandler
+
+    from .memory import install_fault_guard
+
+    faulthandler.enable()
+    install_fault_guard()
     ops = OsOps()
     try:
         if cfg.socket_path is not None:

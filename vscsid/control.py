@@ -174,19 +174,47 @@ class ControlQueues:
         self._task = self.loop.create_task(self._run())
 
     async def _run(self) -> None:
+        from .memory import fault_count
+
+        before = fault_count()
+        try:
+            await self._run_locked()
+        finally:
+            if fault_count() != before:
+                self.session.memory_fault("the supervisor (control queue)")
+
+    async def _run_locked(self) -> None:
         async with self.lock:
             while True:
                 self._again = False
                 ring = self.rings.get(0)
-                if ring is None or ring.queue is None or not ring.state.enabled:
+                if (ring is None or ring.queue is None or not ring.state.enabled
+                        or ring.state.broken):
                     return
                 try:
                     await self._drain(ring)
                 except RingError as exc:
-                    self.log.error("ring_broken", reason=str(exc))
+                    self._broken(ring, str(exc))
                     return
                 if not self._again:
                     return
+
+    def _broken(self, ring: _Ring, reason: str) -> None:
+        """The ring as a whole is unusable: stop serving it, tell the front end
+        (err eventfd) and mark the device as needing a reset."""
+        from .device import STATUS_NEEDS_RESET
+
+        state = ring.state
+        state.broken = True
+        self.session.device.status |= STATUS_NEEDS_RESET
+        self._unwatch(ring)
+        self.log.error("ring_broken", ring=state.index, reason=reason)
+        if state.err_fd >= 0:
+            try:
+                os.eventfd_write(state.err_fd, 1)
+            except OSError:
+                pass
+        self.session.log.error("ring_needs_reset", ring=state.index, reason=reason)
 
     async def _drain(self, ring: _Ring) -> None:
         while True:

@@ -70,7 +70,10 @@ def setup(fmt: str = "auto", level: str = "info", path: str | None = None, **con
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        # One write() per record (message and newline together): several
+        # processes share stderr, and print() would write the newline
+        # separately, letting records from different processes interleave.
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
     if context:

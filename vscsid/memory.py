@@ -32,6 +32,23 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 U64_MAX = (1 << 64) - 1
+
+try:  # the SIGBUS guard lives in the data plane's cffi module
+    from vscsid.workers._fast import ffi as _ffi, lib as _lib
+except ImportError:  # pragma: no cover - the extension is part of every install
+    _ffi = _lib = None
+
+
+def install_fault_guard() -> bool:
+    """Survive SIGBUS on guest memory (a front end truncating its memory file):
+    faulting pages read as zeros, :func:`fault_count` rises, and the caller drops
+    the front end. Call once per process, after faulthandler."""
+    return _lib is not None and _lib.vsd_sigbus_install() == 0
+
+
+def fault_count() -> int:
+    """How many guest-memory pages have faulted (SIGBUS) in this process so far."""
+    return int(_lib.vsd_fault_count()) if _lib is not None else 0
 BLKGETSIZE64 = 0x80081272
 
 
@@ -86,7 +103,8 @@ def validate_table(specs: Sequence[RegionSpec], *, max_regions: int) -> None:
 class Region:
     """One mapped region."""
 
-    __slots__ = ("gpa", "size", "uva", "mmap_offset", "gpa_end", "uva_end", "_mm", "view", "fd")
+    __slots__ = ("gpa", "size", "uva", "mmap_offset", "gpa_end", "uva_end", "_mm", "view", "fd",
+                 "_guard")
 
     def __init__(self, spec: RegionSpec, fd: int):
         self.fd = fd   # not owned: whoever passed it keeps (and closes) it
@@ -122,6 +140,12 @@ class Region:
         except (OSError, AttributeError):
             pass
         self.view = memoryview(self._mm)[self.mmap_offset:need]
+        self._guard = None
+        if _lib is not None:
+            pin = _ffi.from_buffer(self._mm)
+            self._guard = _ffi.cast("uint8_t *", int(_ffi.cast("uintptr_t", pin)))
+            _ffi.release(pin)
+            _lib.vsd_guard_add(self._guard, need)
 
     def spec(self) -> RegionSpec:
         return RegionSpec(self.gpa, self.size, self.uva, self.mmap_offset)
@@ -131,8 +155,11 @@ class Region:
         if self._mm is None:
             return
         self.view.release()
-        self._mm.close()
+        self._mm.close()          # raises BufferError (and keeps the guard) if views live on
         self._mm = None
+        if self._guard is not None:
+            _lib.vsd_guard_remove(self._guard)
+            self._guard = None
 
 
 def _seal_shrink(fd: int) -> None:

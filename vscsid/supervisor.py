@@ -31,7 +31,7 @@ from .control import ControlQueues
 from .device import (
     FIRST_REQUEST_QUEUE, STATUS_NEEDS_RESET, DeviceState, Rejected, RingState, ScsiConfig,
 )
-from .memory import GuestMemory, GuestMemoryError, RegionSpec
+from .memory import GuestMemory, GuestMemoryError, RegionSpec, fault_count
 from .osops import OsOps
 from .protocol import (
     MAX_FDS, BackendCodec, ConfigPayload, Empty, Message, MemoryTable, ProtocolError,
@@ -44,6 +44,11 @@ from .workerpool import WorkerGone, WorkerHandle, describe_exit
 
 BLKGETSIZE64 = 0x80081272
 RECV_SIZE = 65536
+MAX_QUEUED = 64            # parsed messages waiting for the dispatcher before reading pauses
+MAX_UNSENT = 1 << 20       # reply bytes a front end may leave unread before it is dropped
+WRITE_HIGH = 64 << 10      # unread reply bytes that pause request processing …
+WRITE_LOW = 16 << 10       # … until the front end has read down to this
+UNREAD_TIMEOUT = 30.0      # seconds a paused session waits for the front end to read
 
 
 # ---------------------------------------------------------------------------- LUNs
@@ -152,12 +157,34 @@ class Session:
         self._warned_features = False
         self.inflight: Inflight | None = None
         self.inflight_recover: set[int] = set()
+        self._reading = False
+        self._eof_seen = False
+        self._writing = False
+        self._outq: list = []
+        self._unsent = 0
+        self._send_failed = False
+        self._drained = asyncio.Event()
+        self._drained.set()
 
     # ------------------------------------------------------------------ I/O
+    #
+    # Reading: at most ``MAX_QUEUED`` parsed messages wait for the dispatcher;
+    # beyond that the session stops reading the socket (backpressure) and
+    # resumes once the dispatcher has caught up.
+    # Writing: replies go out with non-blocking sendmsg; what the peer does not
+    # take is buffered and flushed when the socket becomes writable. A front end
+    # that stops reading its replies past ``MAX_UNSENT`` bytes is dropped.
+
     def start(self) -> asyncio.Task:
         self.sock.setblocking(False)
-        self.loop.add_reader(self.sock.fileno(), self._on_readable)
+        self._reading = False
+        self._resume_reading()
         return self.loop.create_task(self._process())
+
+    def _resume_reading(self) -> None:
+        if not self._reading and not self._eof_seen:
+            self.loop.add_reader(self.sock.fileno(), self._on_readable)
+            self._reading = True
 
     def _on_readable(self) -> None:
         try:
@@ -184,6 +211,10 @@ class Session:
         if not data:
             for fd in fds:
                 self.ops.close(fd)
+            pending = self.codec.pending_bytes
+            if pending:
+                self.log.error("protocol_error", reason="truncated message: connection closed "
+                               "in the middle of a message", pending_bytes=pending, fatal=True)
             self._eof()
             return
         self.codec.feed(data, fds)
@@ -193,35 +224,119 @@ class Session:
             except ProtocolError as err:
                 self.queue.put_nowait(err)
                 if err.fatal:
+                    self._eof_seen = True
                     self._stop_reading()
                     return
                 continue
             if msg is None:
                 break
             self.queue.put_nowait(msg)
+        if self.queue.qsize() >= MAX_QUEUED:
+            self._stop_reading()      # backpressure: resumed by _process
 
     def _stop_reading(self) -> None:
-        try:
-            self.loop.remove_reader(self.sock.fileno())
-        except (ValueError, OSError):
-            pass
+        if self._reading:
+            try:
+                self.loop.remove_reader(self.sock.fileno())
+            except (ValueError, OSError):
+                pass
+            self._reading = False
 
     def _eof(self) -> None:
+        self._eof_seen = True
         self._stop_reading()
         self.queue.put_nowait(None)
 
     async def _send(self, data: bytes, fds=()) -> None:
+        """Queue a reply (never blocks the event loop)."""
+        if self._send_failed:
+            return
+        self._outq.append((memoryview(data), list(fds)))
+        self._unsent += len(data)
+        if self._unsent > MAX_UNSENT:
+            self.log.error("frontend_not_reading", unsent_bytes=self._unsent,
+                           reason="the front end does not read its replies")
+            self._send_failed = True
+            self._outq.clear()
+            self._drop()
+            return
+        if not self._writing:
+            self._flush_out()
+
+    def _flush_out(self) -> None:
+        while self._outq:
+            view, fds = self._outq[0]
+            try:
+                if fds:
+                    n = self.sock.sendmsg([view], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                    struct.pack(f"{len(fds)}i", *fds))])
+                    self._outq[0] = (view, [])      # fds travel with the first byte
+                else:
+                    n = self.sock.send(view)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self.log.warning("reply_failed", error=str(exc))
+                self._send_failed = True
+                self._outq.clear()
+                self._drop()
+                break
+            self._unsent -= n
+            if n < len(view):
+                self._outq[0] = (view[n:], [])
+                break
+            self._outq.pop(0)
+        if self._unsent <= WRITE_LOW:
+            self._drained.set()
+        want_write = bool(self._outq)
+        if want_write and not self._writing:
+            self.loop.add_writer(self.sock.fileno(), self._flush_out)
+            self._writing = True
+        elif not want_write and self._writing:
+            self.loop.remove_writer(self.sock.fileno())
+            self._writing = False
+
+    async def _wait_drained(self) -> bool:
+        self._stop_reading()
+        self._drained.clear()
+        if self._unsent <= WRITE_LOW:
+            self._drained.set()
         try:
-            if fds:
-                socket.send_fds(self.sock, [data], list(fds))
-            else:
-                await self.loop.sock_sendall(self.sock, data)
-        except OSError as exc:
-            self.log.warning("reply_failed", error=str(exc))
+            await asyncio.wait_for(self._drained.wait(), UNREAD_TIMEOUT)
+            if self._send_failed:
+                return False
+        except asyncio.TimeoutError:
+            self.log.error("frontend_not_reading", unsent_bytes=self._unsent,
+                           reason=f"replies left unread for {UNREAD_TIMEOUT:.0f}s")
+            self._send_failed = True
+            self._outq.clear()
+            self._drop()
+            return False
+        return True
+
+    def _drop(self) -> None:
+        """End the session from our side (the dispatcher sees EOF next)."""
+        self._drained.set()         # wake a dispatcher waiting for the peer to read
+        if not self._eof_seen:
+            self._eof()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     async def _process(self) -> None:
         try:
+            await self._push_params()          # nothing of a previous front end's config
             while True:
+                if self._send_failed:
+                    self.log.info("frontend_disconnected", reason="connection lost while replying")
+                    break
+                if self._unsent > WRITE_HIGH:
+                    # The front end is not reading its replies: stop taking requests.
+                    if not await self._wait_drained():
+                        continue
+                if self.queue.qsize() <= MAX_QUEUED // 4:
+                    self._resume_reading()
                 item = await self.queue.get()
                 if item is None:
                     self.log.info("frontend_disconnected")
@@ -250,6 +365,7 @@ class Session:
                 await self._send(BackendCodec.encode_ack(msg.request, ok=False))
             return
         self.log.debug("request", request=msg.name, payload=repr(msg.payload))
+        faults = fault_count()
         try:
             reply = await handler(msg)
         except Rejected as exc:
@@ -262,6 +378,9 @@ class Session:
                 self.ops.close(fd)
             self.log.error("request_failed", request=msg.name, reason=str(exc))
             reply = _NACK
+        if fault_count() != faults:
+            self.memory_fault(f"the supervisor ({msg.name})")
+            return
         if reply is _REPLIED:
             return
         if reply is _NACK:
@@ -316,6 +435,7 @@ class Session:
                 self.ops.close(fd)
         self.device.reset()
         self.inflight_recover.clear()
+        await self._push_params()
         self.log.info("device_reset", reason=why)
 
     async def _h_get_queue_num(self, msg):
@@ -348,10 +468,15 @@ class Session:
         return None
 
     async def _push_params(self) -> None:
+        """Tell every worker the current cdb_size/sense_size (config space)."""
         cfg = self.device.config
         for w in self.sup.workers:
             if w.chan is not None:
-                await w.request("params", cdb_size=cfg.cdb_size, sense_size=cfg.sense_size)
+                try:
+                    await w.request("params", cdb_size=cfg.cdb_size, sense_size=cfg.sense_size)
+                except (WorkerGone, asyncio.TimeoutError) as exc:
+                    # A restarting worker gets the params in resume_worker().
+                    self.log.warning("worker_params_failed", queue=w.queue, error=str(exc))
 
     # -- memory
     async def _h_set_mem_table(self, msg):
@@ -359,6 +484,7 @@ class Session:
         specs = [RegionSpec(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
                  for r in table.regions]
         fds = list(msg.fds)
+        msg.fds = []
         try:
             new = GuestMemory.map(specs, fds, max_regions=8, generation=self.mem_generation + 1)
         except GuestMemoryError:
@@ -396,6 +522,7 @@ class Session:
     async def _h_add_mem_reg(self, msg):
         r = msg.payload.region
         fd = msg.fds[0]
+        msg.fds = []
         spec = RegionSpec(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
         specs = (self.mem.specs() if self.mem is not None else []) + [spec]
         fds = (self.mem.fds() if self.mem is not None else []) + [fd]
@@ -521,18 +648,25 @@ class Session:
         if p.nofd:
             raise Rejected(f"ring {p.index}: polling mode (no kick fd) is not supported")
         fd = msg.fds[0]
+        msg.fds = []                     # ours now: the ring owns it from here on
+        old = ring.kick_fd
+        ring.kick_fd = fd
+        if old >= 0:
+            self.ops.close(old)
         if ring.started:
             # A new kick fd for a running ring: swap it.
-            if ring.kick_fd >= 0:
-                self.ops.close(ring.kick_fd)
-            ring.kick_fd = fd
             if ring.index < FIRST_REQUEST_QUEUE:
                 self.control.set_kick(ring)
             else:
                 await self.sup.worker_for(ring.index).request("kick", [fd])
             return None
-        ring.kick_fd = fd
-        await self._start_ring(ring)
+        try:
+            await self._start_ring(ring)
+        except BaseException:
+            # Not started: do not keep the fd (its number may be reused).
+            self.ops.close(ring.kick_fd)
+            ring.kick_fd = -1
+            raise
         return None
 
     async def _start_ring(self, ring: RingState, resume: bool = False) -> None:
@@ -552,11 +686,13 @@ class Session:
         if inflight is not None:
             fds.append(inflight[0])
             fields = {"inflight_offset": inflight[1], "inflight_size": inflight[2]}
+        if ring.err_fd >= 0:
+            fds.append(ring.err_fd)
         rep = await w.request("start", fds, size=ring.num, desc=desc, avail=avail, used=used,
                               last_avail=ring.base, event_idx=self.device.event_idx,
                               enabled=ring.enabled, has_call=ring.call_fd >= 0,
-                              has_inflight=inflight is not None, recover=recover,
-                              resume=resume, **fields)
+                              has_inflight=inflight is not None, has_err=ring.err_fd >= 0,
+                              recover=recover, resume=resume, **fields)
         if not rep.get("ok"):
             raise Rejected(f"ring {ring.index}: worker refused to start: {rep.get('error')}")
         self.inflight_recover.discard(ring.index)
@@ -610,6 +746,7 @@ class Session:
     async def _h_set_inflight_fd(self, msg):
         p: InflightPayload = msg.payload
         fd = msg.fds[0]
+        msg.fds = []
         try:
             if not 0 < p.num_queues <= self.device.num_rings:
                 raise Rejected(f"SET_INFLIGHT_FD for {p.num_queues} queues")
@@ -639,6 +776,7 @@ class Session:
         p: VringFile = msg.payload
         ring = self.device.ring(p.index)
         fd = -1 if p.nofd else msg.fds[0]
+        msg.fds = []
         if ring.call_fd >= 0:
             self.ops.close(ring.call_fd)
         ring.call_fd = fd
@@ -653,6 +791,7 @@ class Session:
         p: VringFile = msg.payload
         ring = self.device.ring(p.index)
         fd = -1 if p.nofd else msg.fds[0]
+        msg.fds = []
         if ring.err_fd >= 0:
             self.ops.close(ring.err_fd)
         ring.err_fd = fd
@@ -691,7 +830,20 @@ class Session:
             self.log.info("worker_resumed", queue=w.queue, ring=ring.index)
 
     # ------------------------------------------------------------------ events from workers
+    def memory_fault(self, where: str) -> None:
+        """Guest memory faulted (SIGBUS, survived): this front end's memory is gone."""
+        if self._eof_seen:
+            return
+        self.log.error("frontend_dropped", reason=f"guest memory fault in {where}: the front "
+                       "end shrank or removed its memory; closing its connection")
+        self._send_failed = True
+        self._outq.clear()
+        self._drop()
+
     def on_worker_event(self, worker: WorkerHandle, msg: dict) -> None:
+        if msg.get("event") == "memory_fault":
+            self.memory_fault(f"worker {worker.queue}")
+            return
         if msg.get("event") == "ring_broken":
             ring = self.device.rings[worker.queue + FIRST_REQUEST_QUEUE]
             ring.broken = True
@@ -701,6 +853,9 @@ class Session:
     # ------------------------------------------------------------------ teardown
     async def teardown(self) -> None:
         self._stop_reading()
+        if self._writing:
+            self.loop.remove_writer(self.sock.fileno())
+            self._writing = False
         for ring in self.device.rings:
             try:
                 if ring.started:

@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     import faulthandler
 
     faulthandler.enable()
+    from vscsid.memory import install_fault_guard
+
+    install_fault_guard()
     if args.parent_pid and os.getppid() != args.parent_pid:
         return 1  # the supervisor died before we got here
     # The supervisor handles SIGINT/SIGTERM for the whole daemon and drains

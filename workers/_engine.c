@@ -848,3 +848,92 @@ int vsd_uring_pending(struct vsd_queue *q)
         return 0;
     return *q->uring->cq_head != __atomic_load_n(q->uring->cq_tail, __ATOMIC_ACQUIRE);
 }
+
+/* ------------------------------------------------------------------ SIGBUS containment
+ *
+ * Guest memory is a shared mapping of the front end's file. If the front end
+ * truncates that file (possible when it is not sealed against shrinking),
+ * every access to the lost pages raises SIGBUS, which would kill the process.
+ * The handler below checks whether the faulting address lies in a registered
+ * guest-memory mapping; if so it maps an anonymous zero page over the faulting
+ * page and returns, so the access completes (reading zeros) and the process
+ * lives. The fault is counted; the caller notices the count change and drops
+ * the front end. Faults anywhere else go to the previous handler (e.g.
+ * Python's faulthandler), unchanged.
+ */
+#include <signal.h>
+
+#define VSD_MAX_GUARDS 128
+
+static struct { uintptr_t start, end; } vsd_guards[VSD_MAX_GUARDS];
+static volatile int vsd_nguards;
+static volatile unsigned long vsd_faults;
+static struct sigaction vsd_old_bus;
+static int vsd_installed;
+
+static void vsd_on_sigbus(int sig, siginfo_t *si, void *uctx)
+{
+    uintptr_t a = (uintptr_t)si->si_addr;
+    int i;
+    for (i = 0; i < vsd_nguards; i++) {
+        if (a >= vsd_guards[i].start && a < vsd_guards[i].end) {
+            long pg = sysconf(_SC_PAGESIZE);
+            void *page = (void *)(a & ~(uintptr_t)(pg - 1));
+            if (mmap(page, (size_t)pg, PROT_READ | PROT_WRITE,
+                     MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0) != MAP_FAILED) {
+                vsd_faults++;
+                return;
+            }
+            break;
+        }
+    }
+    /* Not guest memory (or remapping failed): behave as before we were installed. */
+    sigaction(SIGBUS, &vsd_old_bus, NULL);
+    (void)sig;
+    (void)uctx;
+}
+
+int vsd_sigbus_install(void)
+{
+    struct sigaction sa;
+    if (vsd_installed)
+        return 0;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = vsd_on_sigbus;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGBUS, &sa, &vsd_old_bus) != 0)
+        return -errno;
+    vsd_installed = 1;
+    return 0;
+}
+
+int vsd_guard_add(uint8_t *start, uint64_t len)
+{
+    int n = vsd_nguards;
+    if (n >= VSD_MAX_GUARDS)
+        return -1;
+    vsd_guards[n].start = (uintptr_t)start;
+    vsd_guards[n].end = (uintptr_t)start + len;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    vsd_nguards = n + 1;
+    return 0;
+}
+
+void vsd_guard_remove(uint8_t *start)
+{
+    int i, n = vsd_nguards;
+    for (i = 0; i < n; i++) {
+        if (vsd_guards[i].start == (uintptr_t)start) {
+            vsd_guards[i] = vsd_guards[n - 1];
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+            vsd_nguards = n - 1;
+            return;
+        }
+    }
+}
+
+unsigned long vsd_fault_count(void)
+{
+    return vsd_faults;
+}

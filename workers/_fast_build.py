@@ -86,6 +86,11 @@ ffibuilder.cdef(
     int vsd_uring_init(struct vsd_uring *u, unsigned entries, int event_fd, struct vsd_io *ios);
     void vsd_uring_free(struct vsd_uring *u);
     int vsd_uring_pending(struct vsd_queue *q);
+
+    int vsd_sigbus_install(void);
+    int vsd_guard_add(uint8_t *start, uint64_t len);
+    void vsd_guard_remove(uint8_t *start);
+    unsigned long vsd_fault_count(void);
     """
 )
 

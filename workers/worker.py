@@ -35,7 +35,7 @@ from typing import Any
 from vscsid import ipc
 from vscsid import log as vlog
 from vscsid.config import LunSpec
-from vscsid.memory import GuestMemory, GuestMemoryError, RegionSpec
+from vscsid.memory import GuestMemory, GuestMemoryError, RegionSpec, fault_count
 
 from .inflight import InflightQueue
 from .request import (
@@ -97,6 +97,7 @@ class Worker:
                       "bad_target": 0, "failed": 0, "check_condition": 0,
                       "bytes_in": 0, "bytes_out": 0, "resubmitted": 0, "max_inflight": 0}
         self._ring_params: dict | None = None
+        self._faults = fault_count()
         self.engine = "python"
         self.cq = None                          # CQueue when the C fast path is on
         self.lun_specs: dict[int, LunSpec] = {}
@@ -136,6 +137,8 @@ class Worker:
             if kicked and self._can_process():
                 self.process()
             self._flush()
+            if fault_count() != self._faults:
+                self._memory_fault()
         return 0
 
     def _can_process(self) -> bool:
@@ -335,6 +338,17 @@ class Worker:
                 first[RESP_HDR_SIZE:RESP_HDR_SIZE + sense_len] = sense
         else:
             scatter(in_views, RESP_HDR.pack(sense_len, residual, 0, status, response) + sense)
+
+    def _memory_fault(self) -> None:
+        """Guest memory vanished under us (the front end truncated its file): the
+        SIGBUS guard kept us alive; stop the ring and have the supervisor drop
+        the front end."""
+        n = fault_count()
+        self.log.error("guest_memory_fault", pages=n - self._faults,
+                       reason="SIGBUS on guest memory: the front end shrank its memory file")
+        self._faults = n
+        self.broken = True
+        self._send({"op": "event", "event": "memory_fault"})
 
     def _ring_broken(self, reason: str) -> None:
         self.broken = True
@@ -557,8 +571,11 @@ class Worker:
         kick = fds.pop(0)
         call = fds.pop(0) if msg.get("has_call") else -1
         inflight_fd = fds.pop(0) if msg.get("has_inflight") else -1
+        err = fds.pop(0) if msg.get("has_err") and fds else -1
         for fd in fds:
             os.close(fd)
+        if err >= 0:
+            self._set_fd("err_fd", err)
         if self.started:
             self._op_stop({"op": "stop"}, [])
         if self.mem is None:

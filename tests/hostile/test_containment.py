@@ -125,22 +125,12 @@ def flood_without_reading(d: HostileDaemon, cap: int) -> int:
     return sent
 
 
-@pytest.mark.xfail(strict=True, reason="supervisor.py Session._on_readable keeps reading and "
-                   "queueing messages (unbounded asyncio.Queue) while _process is blocked "
-                   "sending replies the front end never reads: memory grows without bound. "
-                   "Fix: stop reading (remove_reader) above a queue bound, resume in _process")
 def test_front_end_that_never_reads_replies_is_throttled():
     with own_daemon("--log-level", "info") as d:
         sent = flood_without_reading(d, 600_000)
         assert sent < 600_000, f"the daemon buffered {sent} bytes of requests it could not answer"
 
 
-@pytest.mark.xfail(strict=True, reason="supervisor.py Session: after a flood of requests whose "
-                   "replies are never read, the front end's disconnect is never noticed (the "
-                   "reader stops firing while _send's loop.sock_sendall on the same socket is "
-                   "pending under uvloop): no session_closed, and every later connection is "
-                   "refused. Fix: one writer path with its own add_writer/backpressure instead of "
-                   "sock_sendall next to add_reader, and treat EPOLLHUP/EPIPE as end of session")
 def test_disconnect_after_unread_flood_frees_the_daemon():
     with own_daemon("--log-level", "info") as d:
         mark = d.mark()
@@ -172,12 +162,6 @@ def test_guest_memory_cannot_be_shrunk_under_the_daemon(make_daemon):
     check_serves(d)
 
 
-@pytest.mark.xfail(strict=True, reason="guest memory that cannot be sealed (sealing not allowed, "
-                   "a tmpfs file) can be truncated by the front end: the supervisor then dies of "
-                   "SIGBUS serving the control queue (control.py reads the ring through the "
-                   "mapping) and workers die of SIGBUS until workerpool/supervisor give up and "
-                   "stop the daemon (worker_failing_repeatedly). Needs SIGBUS-safe access in the "
-                   "supervisor and dropping the session, not the daemon, on repeated failures")
 def test_truncated_unsealable_memory_does_not_kill_the_daemon():
     mem = FrontendMemory(8 << 20)          # no MFD_ALLOW_SEALING
     with own_daemon() as d:

@@ -237,9 +237,6 @@ def test_broken_request_ring_stops_only_that_queue(daemon, baseline, how):
         g.close_and_wait()
 
 
-@pytest.mark.xfail(strict=True, reason="supervisor.py Session._start_ring never hands the ring's "
-                   "err fd to the worker: an err fd sent before SET_VRING_KICK (QEMU's order) "
-                   "is never signalled when the ring breaks")
 def test_err_eventfd_given_before_the_kick_is_signalled(daemon, baseline):
     g = Guest(daemon, err=True, err_before_kick=True)
     try:
@@ -313,10 +310,6 @@ def test_broken_control_ring_is_contained(daemon, baseline, how):
         g.close_and_wait()
 
 
-@pytest.mark.xfail(strict=True, reason="control.py ControlQueues._run: a RingError is only "
-                   "logged; the control ring is not marked broken, its err eventfd is not "
-                   "signalled and DEVICE_NEEDS_RESET is not set (compare "
-                   "Session.on_worker_event for request queues)")
 def test_broken_control_ring_signals_err_and_needs_reset(daemon, baseline):
     g = Guest(daemon, err=True)
     try:

@@ -200,8 +200,6 @@ def test_truncated_message_then_eof(daemon, baseline):
         t.close()
 
 
-@pytest.mark.xfail(strict=True, reason="supervisor.py Session: EOF in the middle of a message is "
-                   "logged only as frontend_disconnected; it should say a message was truncated")
 def test_truncated_message_is_logged_as_such(daemon, baseline):
     c = Conn(daemon)
     try:
@@ -771,9 +769,6 @@ def test_kick_before_the_ring_is_configured(daemon, baseline, missing):
         t.close()
 
 
-@pytest.mark.xfail(strict=True, reason="supervisor.py Session._h_set_vring_kick keeps the fd "
-                   "number in ring.kick_fd after _start_ring raises (the fd itself is closed by "
-                   "_dispatch), so a later GET_VRING_BASE/teardown closes whatever fd reused it")
 @pytest.mark.parametrize("ring", [0, 2])
 def test_rejected_kick_leaves_no_stale_fd(daemon, baseline, ring):
     c = Conn(daemon)
@@ -898,10 +893,6 @@ def test_set_config_refused(daemon, baseline, offset, data, why):
         c.close_and_wait()
 
 
-@pytest.mark.xfail(strict=True, reason="supervisor.py: a new Session starts with the default "
-                   "sense_size/cdb_size but never pushes them to the workers, which keep the "
-                   "values a previous front end set with SET_CONFIG (data-in then lands at the "
-                   "wrong offset for the next guest)")
 @pytest.mark.parametrize("offset,value", [(20, 8), (24, 16)], ids=["sense_size", "cdb_size"])
 def test_config_written_by_one_front_end_does_not_leak_to_the_next(make_daemon, offset, value):
     d = make_daemon()

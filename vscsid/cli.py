@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="console when stderr is a terminal, else JSON (default)")
     lg.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     lg.add_argument("--log-file", metavar="PATH", help="log to this file (SIGHUP reopens it)")
+    lg.add_argument("--guest-log-rate", type=float, default=10.0, metavar="N",
+                    help="log lines per second per kind for problems a guest can trigger at "
+                         "will (malformed requests), with bursts of 10 s worth; the rest are "
+                         "counted as suppressed= (default 10)")
     lg.add_argument("--quiet", action="store_true", help="do not print the QEMU command line hint")
     return p
 
@@ -169,6 +173,9 @@ def parse_config(argv: list[str] | None) -> tuple[DaemonConfig, argparse.Namespa
     )
     if args.stats_interval < 0:
         raise ConfigError("--stats-interval must be >= 0")
+    if args.guest_log_rate <= 0:
+        raise ConfigError("--guest-log-rate must be > 0")
+    os.environ["VSCSID_GUEST_LOG_RATE"] = repr(args.guest_log_rate)   # inherited by workers
     return cfg, args
 
 

@@ -79,6 +79,7 @@ class ControlQueues:
         self._task: asyncio.Task | None = None
         self._again = False
         self.stats = {"tmf": 0, "an": 0, "bad": 0}
+        self._limiter = vlog.RateLimiter()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, state: RingState, desc: int, avail: int, used: int) -> None:
@@ -228,7 +229,7 @@ class ControlQueues:
                     chain = q.walk(head)
                 except ChainError as exc:
                     self.stats["bad"] += 1
-                    self.log.warning("bad_descriptor_chain", head=head, reason=exc.reason)
+                    self._guest_warning("bad_descriptor_chain", head=head, reason=exc.reason)
                     q.push(head, 0)
                     continue
                 written = await self._handle(chain)
@@ -240,16 +241,24 @@ class ControlQueues:
             if not q.enable_kicks():
                 return
 
+    def _guest_warning(self, event: str, **fields) -> None:
+        dropped = self._limiter.check(event)
+        if dropped is None:
+            return
+        if dropped:
+            fields["suppressed"] = dropped
+        self.log.warning(event, **fields)
+
     async def _handle(self, chain) -> int:
         if chain.out_len < 4:
             self.stats["bad"] += 1
-            self.log.warning("control_request_too_short", readable=chain.out_len)
+            self._guest_warning("control_request_too_short", readable=chain.out_len)
             return 0
         kind = CTRL_TYPE.unpack(gather(chain.out, 4))[0]
         if kind == T_TMF:
             if chain.out_len < TMF_REQ.size or chain.in_len < 1:
                 self.stats["bad"] += 1
-                self.log.warning("tmf_request_too_short", readable=chain.out_len,
+                self._guest_warning("tmf_request_too_short", readable=chain.out_len,
                                  writable=chain.in_len)
                 return 0
             _t, subtype, lun, tag = TMF_REQ.unpack(gather(chain.out, TMF_REQ.size))
@@ -260,7 +269,7 @@ class ControlQueues:
         if kind in (T_AN_QUERY, T_AN_SUBSCRIBE):
             if chain.out_len < AN_REQ.size or chain.in_len < AN_RESP.size:
                 self.stats["bad"] += 1
-                self.log.warning("an_request_too_short", readable=chain.out_len,
+                self._guest_warning("an_request_too_short", readable=chain.out_len,
                                  writable=chain.in_len)
                 return 0
             _t, lun, requested = AN_REQ.unpack(gather(chain.out, AN_REQ.size))
@@ -273,7 +282,7 @@ class ControlQueues:
                           requested=hex(requested), supported=0)
             return AN_RESP.size
         self.stats["bad"] += 1
-        self.log.warning("unknown_control_request", type=kind)
+        self._guest_warning("unknown_control_request", type=kind)
         return 0
 
     async def task_management(self, subtype: int, lun_bytes: bytes, tag: int) -> int:

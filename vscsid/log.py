@@ -96,3 +96,34 @@ def get(**context: Any):
 
 def pid() -> int:
     return os.getpid()
+
+
+class RateLimiter:
+    """Token bucket per key, for log lines a guest can trigger at will (malformed
+    requests): a hostile guest must not be able to flood the log. ``check(key)``
+    returns None when the line should be dropped, else how many lines of that key
+    were dropped since the last one let through (to report as ``suppressed=``)."""
+
+    def __init__(self, rate: float | None = None, burst: int | None = None, clock=None):
+        import time as _time
+
+        if rate is None:
+            rate = float(os.environ.get("VSCSID_GUEST_LOG_RATE", "10"))
+        self.rate = rate
+        self.burst = burst if burst is not None else max(1, int(rate * 10))
+        self.clock = clock or _time.monotonic
+        self._buckets: dict[str, list] = {}      # key -> [tokens, last time, dropped]
+
+    def check(self, key: str) -> int | None:
+        now = self.clock()
+        b = self._buckets.get(key)
+        if b is None:
+            b = self._buckets[key] = [float(self.burst), now, 0]
+        b[0] = min(self.burst, b[0] + (now - b[1]) * self.rate)
+        b[1] = now
+        if b[0] < 1.0:
+            b[2] += 1
+            return None
+        b[0] -= 1.0
+        dropped, b[2] = b[2], 0
+        return dropped

@@ -937,3 +937,23 @@ unsigned long vsd_fault_count(void)
 {
     return vsd_faults;
 }
+
+/* ------------------------------------------------------------------ test hook
+ * Walk one chain the way the fast path does and report what it found, so tests
+ * can check the C walker against the Python reference on arbitrary rings.
+ * Returns 0 (valid), -1 (malformed) or -2 (more segments than the fast path
+ * takes; the reference path serves those). */
+int vsd_walk_info(struct vsd_queue *q, uint16_t head, uint64_t *out_len, uint64_t *in_len,
+                  int *nout, int *nin)
+{
+    static struct chain c;
+    int r;
+    if (head >= q->size)
+        return -1;
+    r = walk(q, head, &c);
+    *out_len = c.out_len;
+    *in_len = c.in_len;
+    *nout = c.nout;
+    *nin = c.nin;
+    return r;
+}

@@ -91,6 +91,8 @@ ffibuilder.cdef(
     int vsd_guard_add(uint8_t *start, uint64_t len);
     void vsd_guard_remove(uint8_t *start);
     unsigned long vsd_fault_count(void);
+    int vsd_walk_info(struct vsd_queue *q, uint16_t head, uint64_t *out_len, uint64_t *in_len,
+                      int *nout, int *nin);
     """
 )
 

@@ -98,6 +98,7 @@ class Worker:
                       "bytes_in": 0, "bytes_out": 0, "resubmitted": 0, "max_inflight": 0}
         self._ring_params: dict | None = None
         self._faults = fault_count()
+        self._limiter = vlog.RateLimiter()
         self.engine = "python"
         self.cq = None                          # CQueue when the C fast path is on
         self.lun_specs: dict[int, LunSpec] = {}
@@ -214,7 +215,7 @@ class Worker:
             chain = q.walk(head)
         except ChainError as exc:
             self.stats["bad_chains"] += 1
-            self.log.warning("bad_descriptor_chain", head=head, reason=exc.reason)
+            self._guest_warning("bad_descriptor_chain", head=head, reason=exc.reason)
             self._complete(head, 0)
             return
         written = self._execute(chain)
@@ -254,8 +255,9 @@ class Worker:
         in_ = chain.in_
         if chain.out_len < hdr_len or chain.in_len < resp_len:
             self.stats["failed"] += 1
-            self.log.warning("request_too_short", head=chain.head, readable=chain.out_len,
-                             writable=chain.in_len, need_readable=hdr_len, need_writable=resp_len)
+            self._guest_warning("request_too_short", head=chain.head, readable=chain.out_len,
+                                writable=chain.in_len, need_readable=hdr_len,
+                                need_writable=resp_len)
             if chain.in_len >= RESP_HDR_SIZE:
                 self._respond(in_, 0, 0, 0, S_FAILURE, b"")
                 return RESP_HDR_SIZE
@@ -272,7 +274,7 @@ class Worker:
         if out_data_len and in_data_len:
             # Bidirectional commands need VIRTIO_SCSI_F_INOUT, which we do not offer.
             self.stats["failed"] += 1
-            self.log.warning("bidirectional_request", head=chain.head, lun=lun)
+            self._guest_warning("bidirectional_request", head=chain.head, lun=lun)
             self._respond(in_, 0, in_data_len, 0, S_FAILURE, b"")
             return resp_len
         data_out = SGList(split_views(chain.out, hdr_len) if out_data_len else [])
@@ -338,6 +340,15 @@ class Worker:
                 first[RESP_HDR_SIZE:RESP_HDR_SIZE + sense_len] = sense
         else:
             scatter(in_views, RESP_HDR.pack(sense_len, residual, 0, status, response) + sense)
+
+    def _guest_warning(self, event: str, **fields) -> None:
+        """A warning the guest can trigger at will: rate limited per event."""
+        dropped = self._limiter.check(event)
+        if dropped is None:
+            return
+        if dropped:
+            fields["suppressed"] = dropped
+        self.log.warning(event, **fields)
 
     def _memory_fault(self) -> None:
         """Guest memory vanished under us (the front end truncated its file): the

@@ -37,7 +37,9 @@ class HostileDaemon(Daemon):
         self._records: list[dict] = []
         self._pos = 0
         self.num_queues = num_queues
-        super().__init__(tmp, args, socket_path)
+        # Every malformed request must leave its log line here: lift the rate
+        # limit on guest-triggered warnings (its default protects production logs).
+        super().__init__(tmp, [*args, "--guest-log-rate", "100000"], socket_path)
 
     # -- log
     def log_records(self) -> list[dict]:

@@ -81,3 +81,15 @@ def test_no_liveness_checks_when_not_running():
     lc = running()
     lc.stopping()
     assert lc.check(1000).action == Action.NONE
+
+
+def test_log_rate_limiter_drops_and_counts():
+    from vscsid.log import RateLimiter
+
+    now = [0.0]
+    rl = RateLimiter(rate=10, burst=3, clock=lambda: now[0])
+    assert [rl.check("x") for _ in range(5)] == [0, 0, 0, None, None]
+    assert rl.check("y") == 0                      # keys are independent
+    now[0] += 0.1                                  # one token back
+    assert rl.check("x") == 2                      # reports what it dropped
+    assert rl.check("x") is None

@@ -23,5 +23,6 @@ def _packages(root: str, name: str) -> list[str]:
 
 setup(
     packages=_packages("vscsid", "vscsid") + _packages("workers", "vscsid.workers"),
-    cffi_modules=["workers/_fast_build.py:ffibuilder"],
+    cffi_modules=["workers/_fast_build.py:ffibuilder",
+                  "vscsid/client/_bench_build.py:ffibuilder"],
 )

@@ -1,0 +1,454 @@
+#!/usr/bin/env python3
+"""Run the standard vhost-user storage benchmark matrix on this machine.
+
+vscsid (virtio-scsi; null LUN and a file LUN on tmpfs) against
+qemu-storage-daemon (virtio-blk; the same 256 MiB tmpfs file with aio=threads,
+aio=io_uring and aio=native,cache.direct=on where that works, plus its null-co
+driver), 4 KiB randread/randwrite at iodepth 1 and 32 on 1 and 2 queues, all
+driven by ``vscsid-bench``. Reports IOPS, p50/p99 latency, the daemon's CPU
+per request (utime+stime of the daemon and all its descendants from
+/proc/<pid>/stat, sampled by the bench at the edges of its measurement window),
+and the bench's own CPU per request; then QD1 vs QD32 on a vscsid LUN with
+``delay_us=200``; then the bench's own ceiling against its in-process loopback
+device.
+
+Usage::
+
+    python benchmarks/run_matrix.py [--seconds 4] [--ramp 1] [--json-out results.json]
+                                    [--only vscsid-null,qsd-io_uring] [--quick]
+
+The daemons are started and stopped by the script (temporary directory under
+/dev/shm for sockets and images). See benchmarks/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IMAGE_SIZE = 256 << 20
+
+
+# ----------------------------------------------------------------------------- machine
+def _cmd_out(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def machine_info() -> dict:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    qsd = _cmd_out(["qemu-storage-daemon", "--version"]).splitlines()
+    repo = Path(__file__).resolve().parent.parent
+    return {
+        "cpu_model": model,
+        "cpus_online": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "vscsid": _cmd_out([sys.executable, "-m", "vscsid.cli", "--version"]),
+        "qemu_storage_daemon": qsd[0] if qsd else "not installed",
+        "git_commit": _cmd_out(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"]),
+        "tmpfs": "/dev/shm",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    }
+
+
+# ----------------------------------------------------------------------------- daemons
+@dataclass
+class Backend:
+    name: str
+    kind: str                  # "vscsid" | "qsd"
+    fmt: str                   # "scsi" | "blk"
+    args: list[str]
+    note: str = ""
+    proc: subprocess.Popen | None = None
+    socket_path: str = ""
+    log_path: str = ""
+    status: str = "not started"
+    extra: dict = field(default_factory=dict)
+
+
+def vscsid_backend(name: str, lun: str, workdir: Path, queues: int = 2, note: str = "") -> Backend:
+    sock = str(workdir / f"{name}.sock")
+    return Backend(name, "vscsid", "scsi",
+                   [sys.executable, "-m", "vscsid.cli", "--socket-path", sock, "--lun", lun,
+                    "--num-queues", str(queues), "--quiet", "--log-format", "json",
+                    "--log-level", "info"],
+                   note=note, socket_path=sock)
+
+
+def qsd_backend(name: str, blockdev: str, workdir: Path, queues: int = 2, note: str = "") -> Backend:
+    sock = str(workdir / f"{name}.sock")
+    return Backend(name, "qsd", "blk",
+                   ["qemu-storage-daemon", "--blockdev", blockdev,
+                    "--export", f"type=vhost-user-blk,id=exp0,node-name=disk,addr.type=unix,"
+                                f"addr.path={sock},writable=on,num-queues={queues}"],
+                   note=note, socket_path=sock)
+
+
+# CPU placement: "split" pins the bench to the first CPU and the daemon (with every process and
+# thread it creates: affinity is inherited) to the others; "none" leaves both to the scheduler.
+PLACEMENT = {"bench": None, "daemon": None}
+
+
+def set_placement(mode: str) -> dict:
+    cpus = sorted(os.sched_getaffinity(0))
+    if mode == "split" and len(cpus) >= 2:
+        PLACEMENT.update(bench={cpus[0]}, daemon=set(cpus[1:]))
+    else:
+        PLACEMENT.update(bench=None, daemon=None)
+    return {"mode": mode if PLACEMENT["bench"] else "none",
+            "bench_cpus": sorted(PLACEMENT["bench"] or cpus),
+            "daemon_cpus": sorted(PLACEMENT["daemon"] or cpus)}
+
+
+def _pin(cpus):
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def start(b: Backend, workdir: Path, timeout: float = 30.0) -> bool:
+    b.log_path = str(workdir / f"{b.name}.log")
+    log = open(b.log_path, "wb")
+    b.proc = subprocess.Popen(b.args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              preexec_fn=_pin(PLACEMENT["daemon"]))
+    log.close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if b.proc.poll() is not None:
+            b.status = "failed: " + _tail(b.log_path)
+            return False
+        if b.kind == "vscsid":
+            ready = any('"ready"' in line for line in _lines(b.log_path))
+        else:
+            ready = os.path.exists(b.socket_path)
+        if ready:
+            b.status = "running"
+            return True
+        time.sleep(0.05)
+    b.status = "failed: not ready within %.0f s: %s" % (timeout, _tail(b.log_path))
+    stop(b)
+    return False
+
+
+def stop(b: Backend) -> None:
+    p = b.proc
+    if p is None or p.poll() is not None:
+        return
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(20)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+def _lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+
+
+def _tail(path: str, n: int = 3) -> str:
+    return " | ".join(line.strip() for line in _lines(path)[-n:])
+
+
+# ----------------------------------------------------------------------------- noise
+def _busy() -> float:
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:8]]
+    return (v[0] + v[1] + v[2] + v[5] + v[6]) / os.sysconf("SC_CLK_TCK")
+
+
+def background_load(interval: float = 1.0) -> float:
+    """CPUs' worth of work the machine does while we do nothing (other users, tests...)."""
+    a = _busy()
+    time.sleep(interval)
+    return (_busy() - a) / interval
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
+    """Wait (up to ``max_wait`` s) until the background load is below ``threshold`` CPUs."""
+    deadline = time.monotonic() + max_wait
+    load = background_load()
+    while load > threshold and time.monotonic() < deadline:
+        load = background_load()
+    return load
+
+
+# ----------------------------------------------------------------------------- runs
+WAIT_QUIET = 0.0
+MAX_OTHER = None       # re-run when other processes used more than this share of a CPU
+RETRIES = 2
+
+
+def bench(b: Backend | None, **kw) -> dict:
+    """One measurement; with --max-other, repeated (up to RETRIES times) while the machine was
+    noisy, keeping the quietest attempt."""
+    best = None
+    for attempt in range(1 + (RETRIES if MAX_OTHER is not None else 0)):
+        res = _bench_once(b, **kw)
+        res["attempt"] = attempt + 1
+        other = (res.get("other_cpu_seconds") or 0.0) / (res.get("seconds") or 1.0)
+        if best is None or other < best[0]:
+            best = (other, res)
+        if MAX_OTHER is None or other <= MAX_OTHER or res.get("fatal"):
+            break
+    return best[1]
+
+
+def _bench_once(b: Backend | None, *, rw: str, iodepth: int, queues: int, seconds: float, ramp: float,
+                bs: str = "4k", fmt: str | None = None, extra: list[str] = ()) -> dict:
+    load_before = wait_quiet(WAIT_QUIET) if WAIT_QUIET else None
+    cmd = [sys.executable, "-m", "vscsid.client.bench", "--json", "--rw", rw, "--bs", bs,
+           "--iodepth", str(iodepth), "--queues", str(queues), "--seconds", str(seconds),
+           "--ramp", str(ramp), *extra]
+    if b is None:
+        # the loopback device runs in the bench process: leave it all CPUs
+        cmd += ["--loopback", "--format", fmt or "scsi"]
+        pin = None
+    else:
+        cmd += ["--socket-path", b.socket_path, "--format", b.fmt, "--daemon-pid", str(b.proc.pid)]
+        pin = _pin(PLACEMENT["bench"])
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + ramp + 120,
+                       preexec_fn=pin)
+    try:
+        res = json.loads(p.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        res = {"fatal": f"no JSON from vscsid-bench (exit {p.returncode}): {p.stderr.strip()[-400:]}"}
+    res["exit_code"] = p.returncode
+    if load_before is not None:
+        res["background_load_before"] = load_before
+    return res
+
+
+def row(backend: str, res: dict, **wl) -> dict:
+    lat = res.get("lat_ns") or {}
+    return {
+        "backend": backend, **wl,
+        "iops": res.get("iops"),
+        "mean_us": lat.get("mean", 0) / 1e3 if lat else None,
+        "p50_us": lat.get("p50", 0) / 1e3 if lat else None,
+        "p99_us": lat.get("p99", 0) / 1e3 if lat else None,
+        "daemon_us_per_io": res.get("daemon_cpu_us_per_io"),
+        "daemon_cpu_util": (res["daemon_cpu_seconds"] / res["seconds"]
+                            if res.get("daemon_cpu_seconds") is not None and res.get("seconds") else None),
+        "bench_us_per_io": res.get("cpu_us_per_io"),
+        "bench_cpu_util": res.get("cpu_util"),
+        "other_cpu_util": (res["other_cpu_seconds"] / res["seconds"]
+                           if res.get("other_cpu_seconds") is not None and res.get("seconds") else None),
+        "errors": res.get("errors"),
+        "fatal": res.get("fatal"),
+        "exit_code": res.get("exit_code"),
+        "raw": res,
+    }
+
+
+def _f(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def print_table(rows: list[dict], title: str) -> None:
+    print(f"\n## {title}\n")
+    hdr = ("backend", "rw", "qd", "q", "IOPS", "mean us", "p50 us", "p99 us", "daemon us/io", "daemon CPU",
+           "bench us/io", "bench CPU", "other CPU", "err")
+    print("| " + " | ".join(hdr) + " |")
+    print("|" + "|".join("---" for _ in hdr) + "|")
+    for r in rows:
+        if r.get("fatal"):
+            print(f"| {r['backend']} | {r.get('rw', '')} | {r.get('qd', '')} | {r.get('queues', '')} | "
+                  f"FAILED: {str(r['fatal'])[:80]} |||||||||")
+            continue
+        print("| " + " | ".join([
+            r["backend"], r.get("rw", ""), str(r.get("qd", "")), str(r.get("queues", "")),
+            _f(r["iops"], ",.0f"), _f(r["mean_us"], ".1f"), _f(r["p50_us"], ".1f"), _f(r["p99_us"], ".1f"),
+            _f(r["daemon_us_per_io"], ".2f"),
+            _f(None if r["daemon_cpu_util"] is None else 100 * r["daemon_cpu_util"], ".0f") + "%"
+            if r["daemon_cpu_util"] is not None else "-",
+            _f(r["bench_us_per_io"], ".2f"),
+            _f(None if r["bench_cpu_util"] is None else 100 * r["bench_cpu_util"], ".0f") + "%"
+            if r["bench_cpu_util"] is not None else "-",
+            _f(None if r["other_cpu_util"] is None else 100 * r["other_cpu_util"], ".0f") + "%"
+            if r["other_cpu_util"] is not None else "-",
+            str(r["errors"]),
+        ]) + " |")
+    sys.stdout.flush()
+
+
+def fill_image(path: Path, size: int) -> None:
+    """A fully allocated image with non-zero data (reads must hit real tmpfs pages)."""
+    chunk = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(size >> 20):
+            f.write(chunk)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=4.0, help="measured seconds per run (default 4)")
+    ap.add_argument("--ramp", type=float, default=1.0, help="warm-up seconds per run (default 1)")
+    ap.add_argument("--json-out", help="write every result (incl. the raw bench JSON) here")
+    ap.add_argument("--only", help="comma-separated backends to run (default: all)")
+    ap.add_argument("--quick", action="store_true", help="1 s runs, 0.3 s ramp (smoke-testing the script)")
+    ap.add_argument("--workdir", help="where sockets and the image go (default: a new dir in /dev/shm)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                    help="before each run wait up to this long for the machine to be idle "
+                         "(background load < 0.15 CPU); use on shared machines")
+    ap.add_argument("--max-other", type=float, default=None, metavar="CPUS",
+                    help="re-run (up to twice) a measurement during which other processes used more "
+                         "than this many CPUs, keeping the quietest attempt (e.g. 0.1)")
+    ap.add_argument("--placement", choices=("split", "none"), default="split",
+                    help="split (default): bench on the first CPU, daemon on the others; "
+                         "none: unpinned (QD1 results then depend on where the scheduler puts "
+                         "the two sides)")
+    args = ap.parse_args(argv)
+    # SIGTERM (e.g. from timeout(1)) must still stop the daemons and remove the work directory
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.quick:
+        args.seconds, args.ramp = 1.0, 0.3
+    only = set(args.only.split(",")) if args.only else None
+
+    base = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="vscsid-matrix-",
+                                                                          dir="/dev/shm"))
+    base.mkdir(parents=True, exist_ok=True)
+    img = base / "disk.img"
+    info = machine_info()
+    info["placement"] = set_placement(args.placement)
+    global WAIT_QUIET, MAX_OTHER
+    WAIT_QUIET = args.wait_quiet
+    MAX_OTHER = args.max_other
+    info["background_load_at_start_cpus"] = round(background_load(2.0), 2)
+    print("# vhost-user storage benchmark matrix\n")
+    for k, v in info.items():
+        print(f"- {k}: {v}")
+    out: dict = {"machine": info, "settings": {"seconds": args.seconds, "ramp": args.ramp, "bs": "4k",
+                                               "image": str(img), "image_size": IMAGE_SIZE},
+                 "backends": {}, "matrix": [], "delay": [], "loopback": []}
+
+    have_qsd = shutil.which("qemu-storage-daemon") is not None
+    backends = [
+        vscsid_backend("vscsid-null", f"null:{IMAGE_SIZE}", base, note="null LUN (reads zero-filled)"),
+        vscsid_backend("vscsid-file", str(img), base, note="256 MiB file on tmpfs"),
+    ]
+    if have_qsd:
+        backends += [
+            qsd_backend("qsd-null", f"driver=null-co,node-name=disk,size={IMAGE_SIZE},read-zeroes=on",
+                        base, note="null-co, read-zeroes=on"),
+            qsd_backend("qsd-threads", f"driver=file,node-name=disk,filename={img},aio=threads,"
+                                       "cache.direct=off", base, note="file, aio=threads"),
+            qsd_backend("qsd-io_uring", f"driver=file,node-name=disk,filename={img},aio=io_uring,"
+                                        "cache.direct=off", base, note="file, aio=io_uring"),
+            qsd_backend("qsd-native", f"driver=file,node-name=disk,filename={img},aio=native,"
+                                      "cache.direct=on", base, note="file, aio=native, O_DIRECT"),
+        ]
+    if only:
+        backends = [b for b in backends if b.name in only]
+
+    try:
+        print(f"\nfilling {img} ({IMAGE_SIZE >> 20} MiB) ...", flush=True)
+        fill_image(img, IMAGE_SIZE)
+        workloads = [(rw, qd, nq) for rw in ("randread", "randwrite") for qd in (1, 32) for nq in (1, 2)]
+        for b in backends:
+            ok = start(b, base)
+            out["backends"][b.name] = {"cmd": b.args, "note": b.note, "status": b.status}
+            print(f"\n### {b.name}: {b.note}: {b.status}", flush=True)
+            if not ok:
+                continue
+            try:
+                rows = []
+                for rw, qd, nq in workloads:
+                    res = bench(b, rw=rw, iodepth=qd, queues=nq, seconds=args.seconds, ramp=args.ramp)
+                    r = row(b.name, res, rw=rw, qd=qd, queues=nq)
+                    rows.append(r)
+                    out["matrix"].append(r)
+                    if r["fatal"]:
+                        print(f"  {rw} qd{qd} q{nq}: FAILED: {r['fatal']}", flush=True)
+                    else:
+                        print(f"  {rw:9s} qd{qd:<2d} q{nq}: {r['iops']:>10,.0f} IOPS  p50 {r['p50_us']:8.1f} us"
+                              f"  daemon {_f(r['daemon_us_per_io'], '6.2f')} us/io"
+                              f"  bench {_f(r['bench_us_per_io'], '5.2f')} us/io  errors {r['errors']}",
+                              flush=True)
+            finally:
+                stop(b)
+
+        # QD1 vs QD32 with an injected 200 us per I/O
+        if not only or "vscsid-delay" in only:
+            b = vscsid_backend("vscsid-delay", f"null:{IMAGE_SIZE},delay_us=200", base,
+                               note="null LUN, delay_us=200")
+            ok = start(b, base)
+            out["backends"][b.name] = {"cmd": b.args, "note": b.note, "status": b.status}
+            print(f"\n### {b.name}: {b.note}: {b.status}", flush=True)
+            if ok:
+                try:
+                    for qd in (1, 32):
+                        res = bench(b, rw="randread", iodepth=qd, queues=1, seconds=args.seconds,
+                                    ramp=args.ramp)
+                        r = row(b.name, res, rw="randread", qd=qd, queues=1)
+                        out["delay"].append(r)
+                        print(f"  randread qd{qd}: {_f(r['iops'], ',.0f')} IOPS p50 {_f(r['p50_us'], '.1f')} us",
+                              flush=True)
+                finally:
+                    stop(b)
+
+        # The bench's own ceiling: in-process loopback device (no back end)
+        if not only or "loopback" in only:
+            print("\n### loopback (in-process C device on its own CPU, bench spinning: "
+                  "measures vscsid-bench itself)", flush=True)
+            for qd, nq in ((1, 1), (32, 1), (32, 2)):
+                # --spin-us: the bench never sleeps, so this measures its CPU cost per request
+                # rather than the machine's cross-CPU wake-up latency
+                res = bench(None, rw="randread", iodepth=qd, queues=nq, seconds=args.seconds,
+                            ramp=args.ramp, fmt="scsi", extra=["--spin-us", "100"])
+                r = row("loopback", res, rw="randread", qd=qd, queues=nq)
+                out["loopback"].append(r)
+                print(f"  qd{qd} q{nq}: {_f(r['iops'], ',.0f')} IOPS, bench {_f(r['bench_us_per_io'], '.3f')} us/io",
+                      flush=True)
+    finally:
+        for b in backends:
+            stop(b)
+        if not args.keep and not args.workdir:
+            shutil.rmtree(base, ignore_errors=True)
+
+    pl = info["placement"]
+    print("\n# Results (4 KiB; daemon CPU = daemon + descendants during the window; "
+          + (f"bench on CPU {pl['bench_cpus']}, daemon on CPU {pl['daemon_cpus']})" if pl["mode"] == "split"
+             else "bench and daemon unpinned)"))
+    print_table(out["matrix"], "matrix")
+    if out["delay"]:
+        print_table(out["delay"], "vscsid null LUN with delay_us=200: QD1 vs QD32 (1 queue)")
+    if out["loopback"]:
+        print_table(out["loopback"], "vscsid-bench ceiling (loopback device, no back end)")
+    failed = {k: v["status"] for k, v in out["backends"].items() if not v["status"].startswith("running")}
+    if failed:
+        print("\nBack ends that did not start:")
+        for k, v in failed.items():
+            print(f"- {k}: {v}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(out, indent=1))
+        print(f"\nJSON written to {args.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--stats-interval", type=float, default=60.0, metavar="SECONDS",
                      help="log per-worker CPU, context switches, USS and request counters "
                           "every SECONDS (0: never; default 60)")
+    dev.add_argument("--poll-us", type=int, default=32, metavar="US",
+                     help="busy-poll a ring for up to US microseconds before sleeping "
+                          "(adaptive, like QEMU's iothread polling; 0: never; default 32)")
     dev.add_argument("--engine", choices=("c", "python"),
                      default=os.environ.get("VSCSID_ENGINE", "c"),
                      help="data path: the C fast path with the Python reference behind it "
@@ -169,7 +172,7 @@ def parse_config(argv: list[str] | None) -> tuple[DaemonConfig, argparse.Namespa
         queue_size=args.queue_size, log_format=args.log_format, log_level=args.log_level,
         socket_mode=mode, socket_owner=_uid(args.socket_owner),
         socket_group=_gid(args.socket_group), engine=args.engine,
-        cpu_affinity=_affinity(args.cpu_affinity),
+        cpu_affinity=_affinity(args.cpu_affinity), poll_us=args.poll_us,
     )
     if args.stats_interval < 0:
         raise ConfigError("--stats-interval must be >= 0")

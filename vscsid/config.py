@@ -43,6 +43,8 @@ class LunSpec:
     direct: bool = False            # O_DIRECT
     writethrough: bool = False      # every write is FUA; WCE=0
     delay_us: int = 0               # injected latency per I/O (testing, benchmarks)
+    aio: str = "auto"               # C path I/O: sync preadv/pwritev, uring, or auto
+                                    # (io_uring for O_DIRECT and injected latency)
     discard: bool = True            # UNMAP / WRITE SAME(UNMAP) punch holes
     vendor: str = "VSCSID"
     product: str = "vscsid disk"
@@ -111,6 +113,10 @@ class LunSpec:
                                       "none or directsync")
                 kw["writethrough"] = value in ("writethrough", "directsync")
                 kw["direct"] = value in ("none", "directsync")
+            elif key == "aio":
+                if value not in ("auto", "sync", "uring"):
+                    raise ConfigError(f"--lun {text!r}: aio must be auto, sync or uring")
+                kw["aio"] = value
             elif key in ("vendor", "product"):
                 limit = 8 if key == "vendor" else 16
                 if not value or len(value) > limit or not value.isascii() or not value.isprintable():
@@ -175,6 +181,7 @@ class DaemonConfig:
     cmd_per_lun: int = 128
     seg_max: int = field(default=0)   # 0 = queue_size - 2
     engine: str = "c"                 # data path: "c" fast path (+ Python reference) or "python"
+    poll_us: int = 32                 # adaptive busy-poll window of the C loop (0: never poll)
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_queues <= MAX_REQUEST_QUEUES:
@@ -184,6 +191,8 @@ class DaemonConfig:
             raise ConfigError(f"--queue-size must be a power of two between 2 and {MAX_QUEUE_SIZE}")
         if len(self.luns) > MAX_LUNS:
             raise ConfigError(f"at most {MAX_LUNS} LUNs are supported")
+        if not 0 <= self.poll_us <= 10_000:
+            raise ConfigError("--poll-us must be between 0 and 10000")
         if self.engine not in ("c", "python"):
             raise ConfigError("--engine must be c or python")
         if (self.socket_path is None) == (self.listen_fd is None):

@@ -987,7 +987,7 @@ class Supervisor:
         entries, fds = self.luns.worker_config()
         cfg = self.session.device.config if self.session else None
         rep = await w.request("configure", fds, queue=w.queue, luns=entries, state_page=True,
-                              engine=self.cfg.engine,
+                              engine=self.cfg.engine, poll_us=self.cfg.poll_us,
                               cdb_size=cfg.cdb_size if cfg else 32,
                               sense_size=cfg.sense_size if cfg else 96, timeout=60)
         if not rep.get("ok"):

@@ -103,6 +103,9 @@ struct vsd_queue {
     /* statistics */
     uint64_t st_fast, st_slow, st_bytes_in, st_bytes_out, st_calls, st_batches, st_async;
     uint64_t st_max_in_flight;
+    /* adaptive busy polling (vsd_serve) */
+    uint64_t poll_ns, poll_max_ns;
+    uint64_t st_poll_hits, st_kicks;
 };
 
 /* ------------------------------------------------------------------ barriers */
@@ -605,6 +608,10 @@ static int fast_one(struct vsd_queue *q, uint16_t head)
     }
     if (nblocks == 0 || lba >= l->num_blocks || nblocks > l->num_blocks - lba)
         return 0;
+    /* Injected latency needs io_uring's timers; without them the reference
+     * path serves the LUN (with its own timers). */
+    if (l->delay_ns && !(q->uring && (l->flags & LUN_ASYNC)))
+        return 0;
     bytes = nblocks << l->block_shift;
     if (bytes > l->max_transfer_bytes)
         return 0;
@@ -622,7 +629,7 @@ static int fast_one(struct vsd_queue *q, uint16_t head)
         c.nin = skip_iov(c.in, c.nin, resp_len);
 
     if (l->flags & LUN_NULL) {
-        if (l->delay_ns && q->uring)
+        if (l->delay_ns)
             goto async;
         if (!is_write) {
             int k;
@@ -801,8 +808,12 @@ int vsd_run(struct vsd_queue *q, uint16_t *slow, int max_slow, int budget)
             break;
     }
 out:
-    if (q->uring)
+    if (q->uring) {
         submit(q->uring);
+        /* Buffered I/O on cached data completes inside io_uring_enter: pick
+         * those completions up now instead of after another wake-up. */
+        reap(q, slow, &nslow, max_slow);
+    }
     if (q->broken && nslow == 0)
         return -1;
     return nslow;
@@ -956,4 +967,109 @@ int vsd_walk_info(struct vsd_queue *q, uint16_t head, uint64_t *out_len, uint64_
     *nout = c.nout;
     *nin = c.nin;
     return r;
+}
+
+/* ------------------------------------------------------------------ the serve loop
+ *
+ * Waits for and serves requests without returning to Python, as long as only
+ * the ring needs attention. Before sleeping it busy-polls the ring for up to
+ * q->poll_ns (adaptive, like QEMU's aio poll: the window grows when a sleep was
+ * short enough that polling a little longer would have caught the request, and
+ * shrinks when sleeps are long), so at low queue depth a request that arrives
+ * shortly after the previous completion costs no wake-up.
+ *
+ * Returns to Python (the caller) when there are slow heads to run (>0), when
+ * the control channel (or any fd other than kick/uring) is readable, on
+ * timeout, when q->more is set, or when the ring broke (-1).
+ */
+#include <sys/epoll.h>
+
+static inline uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+static int work_pending(struct vsd_queue *q)
+{
+    if (ld16_acq(q->avail + 2) != q->last_avail)
+        return 1;
+    if (q->uring && *q->uring->cq_head != __atomic_load_n(q->uring->cq_tail, __ATOMIC_ACQUIRE))
+        return 1;
+    return 0;
+}
+
+static void drain_eventfd(int fd)
+{
+    uint64_t v;
+    if (fd >= 0)
+        while (read(fd, &v, 8) == 8)
+            ;
+}
+
+int vsd_serve(struct vsd_queue *q, int epfd, int kick_fd, int uring_fd, int timeout_ms,
+              uint16_t *slow, int max_slow, int budget)
+{
+    struct epoll_event evs[8];
+    for (;;) {
+        int n = vsd_run(q, slow, max_slow, budget);
+        vsd_flush(q);
+        if (n != 0 || q->more || q->broken)
+            return q->broken && n == 0 ? -1 : n;
+        /* poll phase */
+        if (q->poll_ns) {
+            uint64_t start = now_ns(), deadline = start + q->poll_ns;
+            int hit = 0;
+            do {
+                if (work_pending(q)) {
+                    hit = 1;
+                    break;
+                }
+                __builtin_ia32_pause();
+            } while (now_ns() < deadline);
+            if (hit) {
+                q->st_poll_hits++;
+                continue;
+            }
+        }
+        /* sleep */
+        {
+            uint64_t t0 = now_ns(), slept;
+            int k, nev, other = 0;
+            nev = epoll_wait(epfd, evs, 8, timeout_ms);
+            slept = now_ns() - t0;
+            if (q->poll_max_ns) {
+                if (slept > q->poll_max_ns) {
+                    q->poll_ns /= 2;               /* long idle: stop burning CPU */
+                    if (q->poll_ns < 4000)
+                        q->poll_ns = 0;
+                } else if (slept > q->poll_ns) {
+                    q->poll_ns = q->poll_ns ? q->poll_ns * 2 : 4000;   /* a bit more would do */
+                    if (q->poll_ns > q->poll_max_ns)
+                        q->poll_ns = q->poll_max_ns;
+                }
+            }
+            if (nev < 0) {
+                if (errno == EINTR)
+                    return 0;
+                return 0;
+            }
+            if (nev == 0)
+                return 0;                          /* timeout: Python's timers / checks */
+            for (k = 0; k < nev; k++) {
+                int fd = evs[k].data.fd;
+                if (fd == kick_fd) {
+                    drain_eventfd(kick_fd);
+                    q->st_kicks++;
+                } else if (fd == uring_fd) {
+                    drain_eventfd(uring_fd);
+                } else {
+                    other = 1;
+                }
+            }
+            if (other)
+                return 0;                          /* the control channel: Python's turn */
+        }
+    }
 }

@@ -76,6 +76,8 @@ ffibuilder.cdef(
         uint32_t in_flight;
         uint64_t st_fast, st_slow, st_bytes_in, st_bytes_out, st_calls, st_batches, st_async;
         uint64_t st_max_in_flight;
+        uint64_t poll_ns, poll_max_ns;
+        uint64_t st_poll_hits, st_kicks;
     };
 
     int vsd_run(struct vsd_queue *q, uint16_t *slow, int max_slow, int budget);
@@ -91,6 +93,8 @@ ffibuilder.cdef(
     int vsd_guard_add(uint8_t *start, uint64_t len);
     void vsd_guard_remove(uint8_t *start);
     unsigned long vsd_fault_count(void);
+    int vsd_serve(struct vsd_queue *q, int epfd, int kick_fd, int uring_fd, int timeout_ms,
+                  uint16_t *slow, int max_slow, int budget);
     int vsd_walk_info(struct vsd_queue *q, uint16_t head, uint64_t *out_len, uint64_t *in_len,
                       int *nout, int *nin);
     """

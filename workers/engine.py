@@ -31,7 +31,7 @@ def uring_available() -> bool:
 
 class CQueue:
     def __init__(self, *, queue, mem, luns: dict, lun_flags: dict, cdb_size: int,
-                 sense_size: int, inflight, call_fd: int, use_uring: bool):
+                 sense_size: int, inflight, call_fd: int, use_uring: bool, poll_us: int = 0):
         self._pins = []
         self.q = q = ffi.new("struct vsd_queue *")
         size = queue.size
@@ -74,6 +74,8 @@ class CQueue:
             q.counter = inflight.counter
         else:
             q.inflight = ffi.NULL
+        q.poll_max_ns = max(0, int(poll_us)) * 1000
+        q.poll_ns = 0
         self._completed = ffi.new("uint16_t[]", size)
         q.completed = self._completed
         self._slow = ffi.new("uint16_t[]", size)
@@ -107,6 +109,14 @@ class CQueue:
         n = lib.vsd_run(self.q, self._slow, self.max_slow, budget)
         if n < 0:
             return None   # broken ring: see broken_reason
+        return list(self._slow[0:n]) if n else []
+
+    def serve(self, epfd: int, kick_fd: int, timeout_ms: int, budget: int) -> list[int] | None:
+        """Serve the ring in C until Python is needed (see vsd_serve)."""
+        n = lib.vsd_serve(self.q, epfd, kick_fd, self.uring_fd, timeout_ms, self._slow,
+                          self.max_slow, budget)
+        if n < 0:
+            return None
         return list(self._slow[0:n]) if n else []
 
     @property
@@ -163,7 +173,8 @@ class CQueue:
         return {"fast": q.st_fast, "slow": q.st_slow, "async": q.st_async,
                 "c_bytes_in": q.st_bytes_in, "c_bytes_out": q.st_bytes_out,
                 "c_calls": q.st_calls, "c_batches": q.st_batches,
-                "c_max_in_flight": q.st_max_in_flight}
+                "c_max_in_flight": q.st_max_in_flight, "poll_hits": q.st_poll_hits,
+                "c_kicks": q.st_kicks}
 
     def close(self) -> None:
         if self.uring is not None:

@@ -100,6 +100,7 @@ class Worker:
         self._faults = fault_count()
         self._limiter = vlog.RateLimiter()
         self.engine = "python"
+        self.poll_us = 0
         self.cq = None                          # CQueue when the C fast path is on
         self.lun_specs: dict[int, LunSpec] = {}
 
@@ -107,7 +108,14 @@ class Worker:
     def run(self) -> int:
         self.epoll.register(self.chan.fileno(), select.EPOLLIN)
         while self.running:
-            if self.more:
+            if (self.cq is not None and self._can_process() and not self.timers
+                    and not self.resubmit):
+                # The C loop waits, polls and serves until Python is needed.
+                self._serve_c()
+                if not self.running:
+                    break
+                timeout = 0          # now look at the control channel (or timers)
+            elif self.more:
                 timeout = 0
             elif self.timers:
                 timeout = max(0.0, self.timers[0][0] - time.monotonic())
@@ -175,8 +183,6 @@ class Worker:
                     done += len(heads)
                     self.stats["requests"] += len(heads)
                     self.stats["batches"] += 1
-                    if len(self.timers) > self.stats["max_inflight"]:
-                        self.stats["max_inflight"] = len(self.timers)
                     self._flush()
                 if done >= BATCH_LIMIT:
                     self.more = True     # let the control channel in, then come back
@@ -186,6 +192,22 @@ class Worker:
         except RingError as exc:
             self._flush()
             self._ring_broken(str(exc))
+
+    def _serve_c(self) -> None:
+        cq = self.cq
+        slow = cq.serve(self.epoll.fileno(), self.kick_fd, 0 if self.more else 1000, BATCH_LIMIT)
+        self.more = False
+        if slow is None:
+            self._flush()
+            self._ring_broken(cq.broken_reason or "ring broken")
+            return
+        for head in slow:
+            self._start(head)
+        self._flush()
+        if cq.more or slow:
+            self.more = True
+        if fault_count() != self._faults:
+            self._memory_fault()
 
     def _process_c(self) -> None:
         cq = self.cq
@@ -285,6 +307,8 @@ class Worker:
             if delay:
                 p = Pending(chain.head, plan, in_, in_data_len, out_data_len, resp_len, lun, tag)
                 heapq.heappush(self.timers, (time.monotonic() + delay, next(self._seq), p))
+                if len(self.timers) > self.stats["max_inflight"]:
+                    self.stats["max_inflight"] = len(self.timers)
                 return None
             try:
                 n = plan.run()
@@ -414,6 +438,7 @@ class Worker:
 
         self.queue_index = msg["queue"]
         self.engine = msg.get("engine", "python")
+        self.poll_us = int(msg.get("poll_us", 0))
         self.cdb_size = int(msg.get("cdb_size", DEFAULT_CDB_SIZE))
         self.sense_size = int(msg.get("sense_size", DEFAULT_SENSE_SIZE))
         lun_entries = msg["luns"]
@@ -486,7 +511,12 @@ class Worker:
             return
         from .engine import CQueue
 
-        use_uring = any(s.delay_us or s.direct for s in self.lun_specs.values())
+        def wants_uring(spec):
+            if spec.aio == "uring":
+                return True
+            return spec.aio == "auto" and bool(spec.delay_us or spec.direct)
+
+        use_uring = any(wants_uring(s) for s in self.lun_specs.values())
         flags = {}
         for number, disk in self.luns.items():
             spec = self.lun_specs[number]
@@ -495,7 +525,7 @@ class Worker:
                 f |= 2
             if spec.is_null:
                 f |= 4
-            if spec.delay_us or spec.direct:
+            if wants_uring(spec):
                 f |= 16                                 # ASYNC (io_uring)
             flags[number] = {
                 "flags": f, "fd": getattr(disk.backend, "fd", -1) if not spec.is_null else -1,
@@ -505,7 +535,8 @@ class Worker:
             }
         self.cq = CQueue(queue=self.queue, mem=self.mem, luns=self.luns, lun_flags=flags,
                          cdb_size=self.cdb_size, sense_size=self.sense_size,
-                         inflight=self.inflight, call_fd=self.call_fd, use_uring=use_uring)
+                         inflight=self.inflight, call_fd=self.call_fd, use_uring=use_uring,
+                         poll_us=self.poll_us)
         if use_uring and self.cq.uring is None:
             self.log.warning("io_uring_unavailable", error=getattr(self.cq, "uring_error", "?"),
                              fallback="synchronous I/O; injected latency served by timers")

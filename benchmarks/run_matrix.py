@@ -95,12 +95,19 @@ def vscsid_backend(name: str, lun: str, workdir: Path, queues: int = 2, note: st
                    note=note, socket_path=sock)
 
 
-def qsd_backend(name: str, blockdev: str, workdir: Path, queues: int = 2, note: str = "") -> Backend:
+def qsd_backend(name: str, blockdev: str, workdir: Path, queues: int = 2, note: str = "",
+                iothread: bool = False) -> Backend:
+    """qemu-storage-daemon exporting ``blockdev`` over vhost-user-blk. With ``iothread`` the
+    export runs in an iothread, which polls adaptively (poll-max-ns, 32 us by default) before
+    sleeping -- the same idea as vscsid's --poll-us -- instead of the main loop."""
     sock = str(workdir / f"{name}.sock")
+    pre = ["--object", "iothread,id=io0"] if iothread else []
+    export = (f"type=vhost-user-blk,id=exp0,node-name=disk,addr.type=unix,"
+              f"addr.path={sock},writable=on,num-queues={queues}")
+    if iothread:
+        export += ",iothread=io0"
     return Backend(name, "qsd", "blk",
-                   ["qemu-storage-daemon", "--blockdev", blockdev,
-                    "--export", f"type=vhost-user-blk,id=exp0,node-name=disk,addr.type=unix,"
-                                f"addr.path={sock},writable=on,num-queues={queues}"],
+                   ["qemu-storage-daemon", *pre, "--blockdev", blockdev, "--export", export],
                    note=note, socket_path=sock)
 
 
@@ -361,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
                                         "cache.direct=off", base, note="file, aio=io_uring"),
             qsd_backend("qsd-native", f"driver=file,node-name=disk,filename={img},aio=native,"
                                       "cache.direct=on", base, note="file, aio=native, O_DIRECT"),
+            qsd_backend("qsd-native-iothread", f"driver=file,node-name=disk,filename={img},"
+                                               "aio=native,cache.direct=on", base, iothread=True,
+                        note="file, aio=native, O_DIRECT, iothread (adaptive polling)"),
+            qsd_backend("qsd-io_uring-iothread", f"driver=file,node-name=disk,filename={img},"
+                                                 "aio=io_uring,cache.direct=off", base, iothread=True,
+                        note="file, aio=io_uring, iothread (adaptive polling)"),
         ]
     if only:
         backends = [b for b in backends if b.name in only]

@@ -1073,3 +1073,26 @@ int vsd_serve(struct vsd_queue *q, int epfd, int kick_fd, int uring_fd, int time
         }
     }
 }
+
+/* ------------------------------------------------------------------ timers
+ * epoll_wait's timeout has millisecond resolution; injected latencies are
+ * microseconds. The reference path arms a timerfd (nanoseconds) for its next
+ * deadline instead. */
+#include <sys/timerfd.h>
+
+int vsd_timerfd_create(void)
+{
+    return timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+}
+
+/* Arm for an absolute CLOCK_MONOTONIC deadline in ns (0 disarms). */
+int vsd_timerfd_arm(int fd, uint64_t deadline_ns)
+{
+    struct itimerspec its;
+    memset(&its, 0, sizeof its);
+    if (deadline_ns) {
+        its.it_value.tv_sec = (time_t)(deadline_ns / 1000000000ULL);
+        its.it_value.tv_nsec = (long)(deadline_ns % 1000000000ULL);
+    }
+    return timerfd_settime(fd, TFD_TIMER_ABSTIME, &its, NULL);
+}

@@ -95,6 +95,8 @@ ffibuilder.cdef(
     unsigned long vsd_fault_count(void);
     int vsd_serve(struct vsd_queue *q, int epfd, int kick_fd, int uring_fd, int timeout_ms,
                   uint16_t *slow, int max_slow, int budget);
+    int vsd_timerfd_create(void);
+    int vsd_timerfd_arm(int fd, uint64_t deadline_ns);
     int vsd_walk_info(struct vsd_queue *q, uint16_t head, uint64_t *out_len, uint64_t *in_len,
                       int *nout, int *nin);
     """

@@ -99,6 +99,11 @@ class Worker:
         self._ring_params: dict | None = None
         self._faults = fault_count()
         self._limiter = vlog.RateLimiter()
+        from ._fast import lib as _lib
+
+        self.timer_fd = _lib.vsd_timerfd_create()   # deadlines of delayed requests (ns)
+        self._armed = 0.0
+        self.epoll.register(self.timer_fd, select.EPOLLIN)
         self.engine = "python"
         self.poll_us = 0
         self.cq = None                          # CQueue when the C fast path is on
@@ -118,7 +123,9 @@ class Worker:
             elif self.more:
                 timeout = 0
             elif self.timers:
-                timeout = max(0.0, self.timers[0][0] - time.monotonic())
+                # The timerfd (ns resolution) wakes us; epoll's own timeout is in ms.
+                self._arm_timer()
+                timeout = 1.0
             else:
                 timeout = 1.0
             try:
@@ -141,6 +148,11 @@ class Worker:
                 elif self.cq is not None and fd == self.cq.uring_fd:
                     self.cq.ack_uring_event()
                     kicked = True
+                elif fd == self.timer_fd:
+                    try:
+                        os.read(fd, 8)
+                    except BlockingIOError:
+                        pass
             if self.timers:
                 self._expire_timers()
             if kicked and self._can_process():
@@ -333,6 +345,14 @@ class Worker:
             self.stats["bytes_out"] += res.data_out_len
         self._respond(in_, len(sense), residual, res.status, S_OK, sense)
         return resp_len + res.data_in_len
+
+    def _arm_timer(self) -> None:
+        deadline = self.timers[0][0]
+        if deadline != self._armed:
+            from ._fast import lib as _lib
+
+            _lib.vsd_timerfd_arm(self.timer_fd, max(1, int(deadline * 1e9)))
+            self._armed = deadline
 
     def _expire_timers(self, everything: bool = False) -> None:
         now = time.monotonic()
@@ -773,6 +793,9 @@ class Worker:
         self._reply(msg)
 
     def close(self) -> None:
+        if self.timer_fd >= 0:
+            os.close(self.timer_fd)
+            self.timer_fd = -1
         self._close_cq()
         self._set_kick(-1)
         self._set_fd("call_fd", -1)

@@ -242,12 +242,7 @@ class ControlQueues:
                 return
 
     def _guest_warning(self, event: str, **fields) -> None:
-        dropped = self._limiter.check(event)
-        if dropped is None:
-            return
-        if dropped:
-            fields["suppressed"] = dropped
-        self.log.warning(event, **fields)
+        self._limiter.warn(self.log, event, **fields)
 
     async def _handle(self, chain) -> int:
         if chain.out_len < 4:

@@ -127,3 +127,12 @@ class RateLimiter:
         b[0] -= 1.0
         dropped, b[2] = b[2], 0
         return dropped
+
+    def warn(self, logger, event: str, **fields) -> None:
+        """``logger.warning(event, **fields)`` unless rate limited (adds ``suppressed=``)."""
+        dropped = self.check(event)
+        if dropped is None:
+            return
+        if dropped:
+            fields["suppressed"] = dropped
+        logger.warning(event, **fields)

@@ -177,12 +177,8 @@ class Worker:
         q = self.queue
         done = 0
         try:
-            if self.resubmit:
-                heads, self.resubmit = self.resubmit, []
-                self.stats["resubmitted"] += len(heads)
-                self.log.info("resubmitting_inflight", heads=len(heads))
-                for head in heads:
-                    self._start(head)
+            for head in self._take_resubmit():
+                self._start(head)
             while True:
                 q.disable_kicks()
                 heads = q.pop_heads(BATCH_LIMIT)
@@ -205,10 +201,31 @@ class Worker:
             self._flush()
             self._ring_broken(str(exc))
 
+    def _take_resubmit(self) -> list[int]:
+        """Heads recovered from the inflight region, to run again (once)."""
+        heads, self.resubmit = self.resubmit, []
+        if heads:
+            self.stats["resubmitted"] += len(heads)
+            self.log.info("resubmitting_inflight", heads=len(heads))
+        return heads
+
     def _serve_c(self) -> None:
-        cq = self.cq
-        slow = cq.serve(self.epoll.fileno(), self.kick_fd, 0 if self.more else 1000, BATCH_LIMIT)
+        timeout_ms = 0 if self.more else 1000
         self.more = False
+        self._finish_c_pass(self.cq.serve(self.epoll.fileno(), self.kick_fd, timeout_ms,
+                                          BATCH_LIMIT))
+
+    def _process_c(self) -> None:
+        cq = self.cq
+        heads = self._take_resubmit()
+        if heads:
+            for head in cq.resubmit(heads):
+                self._start(head)
+        self._finish_c_pass(cq.run(BATCH_LIMIT))
+
+    def _finish_c_pass(self, slow: list[int] | None) -> None:
+        """After the C code ran: serve what it handed back, publish, check health."""
+        cq = self.cq
         if slow is None:
             self._flush()
             self._ring_broken(cq.broken_reason or "ring broken")
@@ -218,29 +235,10 @@ class Worker:
         self._flush()
         if cq.more or slow:
             self.more = True
-        if fault_count() != self._faults:
-            self._memory_fault()
-
-    def _process_c(self) -> None:
-        cq = self.cq
-        if self.resubmit:
-            heads, self.resubmit = self.resubmit, []
-            self.stats["resubmitted"] += len(heads)
-            self.log.info("resubmitting_inflight", heads=len(heads))
-            for head in cq.resubmit(heads):
-                self._start(head)
-        slow = cq.run(BATCH_LIMIT)
-        if slow is None:
-            self._flush()
-            self._ring_broken(cq.broken_reason or "ring broken")
-            return
-        for head in slow:
-            self._start(head)
-        self._flush()
-        if cq.more:
-            self.more = True
         if cq.q.broken:
             self._ring_broken(cq.broken_reason)
+        if fault_count() != self._faults:
+            self._memory_fault()
 
     def _start(self, head: int) -> None:
         """Begin one request: complete it now, or leave its I/O in flight."""
@@ -387,12 +385,7 @@ class Worker:
 
     def _guest_warning(self, event: str, **fields) -> None:
         """A warning the guest can trigger at will: rate limited per event."""
-        dropped = self._limiter.check(event)
-        if dropped is None:
-            return
-        if dropped:
-            fields["suppressed"] = dropped
-        self.log.warning(event, **fields)
+        self._limiter.warn(self.log, event, **fields)
 
     def _memory_fault(self) -> None:
         """Guest memory vanished under us (the front end truncated its file): the

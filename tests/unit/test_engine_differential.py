@@ -4,14 +4,12 @@ walker's property test): the C code must accept exactly the chains the spec
 allows (or hand over-long ones to the reference path) and see the same lengths."""
 from __future__ import annotations
 
-import struct
-
 from hypothesis import given
 
 from vscsid.workers._fast import ffi, lib
 
 from .test_properties_hostile import (  # noqa: F401  (guest is a fixture)
-    AVAIL_GPA, DESC_GPA, TABLE_GPAS, A_SIZE, C_GPA, C_SIZE, WALK, guest, ref_walk, ring_case,
+    AVAIL_GPA, DESC_GPA, WALK, guest, load_tables, ref_walk, ring_case,
 )
 
 
@@ -43,12 +41,7 @@ def test_c_walker_matches_the_reference(guest):
     def prop(case):
         size, descs, tables, _last_avail, _delta, _entries = case
         g = guest
-        g.clear()
-        g.write(DESC_GPA, b"".join(struct.pack("<QIHH", *d) for d in descs))
-        for gpa, tbl in zip(TABLE_GPAS, tables):
-            data = b"".join(struct.pack("<QIHH", *d) for d in tbl)
-            room = min(len(data), (A_SIZE if gpa < A_SIZE else C_GPA + C_SIZE) - gpa)
-            g.write(gpa, data[:room])
+        load_tables(g, descs, tables)
         q, _ = c_queue(g, size)
         for head in range(size):
             expect = ref_walk(g, size, head)

@@ -147,6 +147,16 @@ def ref_walk(g: Guest, size: int, head: int):
         i = nxt
 
 
+def load_tables(g: Guest, descs, tables) -> None:
+    """Write a ring's descriptor table and the indirect tables of a generated case."""
+    g.clear()
+    g.write(DESC_GPA, b"".join(struct.pack("<QIHH", *d) for d in descs))
+    for gpa, tbl in zip(TABLE_GPAS, tables):
+        data = b"".join(struct.pack("<QIHH", *d) for d in tbl)
+        room = min(len(data), (A_SIZE if gpa < A_SIZE else C_GPA + C_SIZE) - gpa)
+        g.write(gpa, data[:room])
+
+
 def host_ranges(g: Guest, gpa: int, n: int) -> list[tuple[int, int]]:
     """Where the device must see [gpa, gpa+n): split at region boundaries."""
     out = []
@@ -218,12 +228,7 @@ def test_chain_walker_never_leaves_guest_memory(guest, monkeypatch):
     def prop(case):
         size, descs, tables, last_avail, delta, entries = case
         g = guest
-        g.clear()
-        g.write(DESC_GPA, b"".join(struct.pack("<QIHH", *d) for d in descs))
-        for gpa, tbl in zip(TABLE_GPAS, tables):
-            data = b"".join(struct.pack("<QIHH", *d) for d in tbl)
-            room = min(len(data), (A_SIZE if gpa < A_SIZE else C_GPA + C_SIZE) - gpa)
-            g.write(gpa, data[:room])
+        load_tables(g, descs, tables)
         idx = (last_avail + delta) & 0xFFFF
         g.write(AVAIL_GPA, struct.pack("<HH", 0, idx)
                 + b"".join(struct.pack("<H", e) for e in entries))

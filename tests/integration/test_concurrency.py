@@ -27,7 +27,7 @@ def test_slow_lun_keeps_requests_in_flight(start_daemon, guest_factory, aio):  #
         for h in b.reap():
             order.append(h)
         if len(order) < 17:
-            assert q.wait_call(10)
+            assert q.wait_used(10)
     assert all(h.response.status == 0 for h in order)
     # The fast LUN's request, submitted last, completed first: out of order.
     assert order[0] is fast

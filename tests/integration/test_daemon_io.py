@@ -48,7 +48,7 @@ class Guest:
             b.reap()
             if h.done:
                 break
-            assert q.wait_call(timeout), "no completion signalled"
+            assert q.wait_used(timeout), "no completion signalled"
         return h
 
     def close(self):

@@ -28,7 +28,7 @@ def wait(b, q, h, timeout=10):
     while not h.done:
         b.reap()
         if not h.done:
-            assert q.wait_call(timeout)
+            assert q.wait_used(timeout)
     return h
 
 

@@ -475,6 +475,16 @@ class DriverQueue:
     def has_used(self) -> bool:
         return lib.vq_load_u16(self._p, self._u_idx) != self._last_used
 
+    def wait_used(self, timeout: float | None = None) -> bool:
+        """After a reap: True at once if entries are already pending, else wait for a call.
+
+        Reaping writes ``used_event`` and fences, so a completion the device published
+        before it could see the new ``used_event`` (and therefore did not signal) is
+        caught by this re-check instead of being waited for forever."""
+        if self.has_used():
+            return True
+        return self.wait_call(timeout)
+
     def wait_call(self, timeout: float | None = None) -> bool:
         """Block on ``call_fd`` until the device signals (or timeout). Returns True if signalled."""
         if self.call_fd is None:

@@ -192,6 +192,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(capabilities()))
         return EXIT_OK
 
+    # SIGTERM/SIGINT before the event loop runs must still mean a clean stop
+    # (drain, remove the socket, exit 0), not the default death.
+    import signal as _signal
+
+    early: list[int] = []
+    for sig in (_signal.SIGTERM, _signal.SIGINT):
+        _signal.signal(sig, lambda signum, frame: early.append(signum))
+
     from . import log as vlog
     from .osops import OsOps, SocketPathError
 
@@ -236,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     sup = Supervisor(cfg, listener, luns, ops, stats_interval=args.stats_interval)
+    sup.early_signals = early
     try:
         return uvloop.run(sup.run())
     except KeyboardInterrupt:

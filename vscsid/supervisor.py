@@ -964,6 +964,7 @@ class Supervisor:
         self.log_settings = vlog.settings()
         self.policy = policy or Policy()
         self.stats_interval = stats_interval
+        self.early_signals: list[int] = []
         from .stats import ProcessStats
         self.proc_stats = ProcessStats()
 
@@ -1100,6 +1101,8 @@ class Supervisor:
         self._stop_event = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self.loop.add_signal_handler(sig, self._on_signal, sig)
+        for sig in self.early_signals:      # arrived before the loop ran
+            self._on_signal(sig)
         self.workers = [WorkerHandle(q, self.loop, self.ops, on_event=self._on_worker_event,
                                      on_exit=self._on_worker_exit, policy=self.policy)
                         for q in range(self.cfg.num_queues)]

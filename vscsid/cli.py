@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--poll-us", type=int, default=32, metavar="US",
                      help="busy-poll a ring for up to US microseconds before sleeping "
                           "(adaptive, like QEMU's iothread polling; 0: never; default 32)")
+    dev.add_argument("--heartbeat-timeout", type=float, default=10.0, metavar="SECONDS",
+                     help="a worker that answers no heartbeat for this long is hung: it gets "
+                          "SIGABRT (stack dump), then SIGKILL, and is replaced (default 10)")
     dev.add_argument("--engine", choices=("c", "python"),
                      default=os.environ.get("VSCSID_ENGINE", "c"),
                      help="data path: the C fast path with the Python reference behind it "
@@ -176,6 +179,8 @@ def parse_config(argv: list[str] | None) -> tuple[DaemonConfig, argparse.Namespa
     )
     if args.stats_interval < 0:
         raise ConfigError("--stats-interval must be >= 0")
+    if not 0.5 <= args.heartbeat_timeout <= 3600:
+        raise ConfigError("--heartbeat-timeout must be between 0.5 and 3600 seconds")
     if args.guest_log_rate <= 0:
         raise ConfigError("--guest-log-rate must be > 0")
     os.environ["VSCSID_GUEST_LOG_RATE"] = repr(args.guest_log_rate)   # inherited by workers
@@ -243,7 +248,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvloop
 
-    sup = Supervisor(cfg, listener, luns, ops, stats_interval=args.stats_interval)
+    from .lifecycle import Policy
+
+    hb = args.heartbeat_timeout
+    policy = Policy(heartbeat_timeout=hb, heartbeat_interval=min(2.0, hb / 4),
+                    abort_grace=min(3.0, max(0.5, hb / 3)))
+    sup = Supervisor(cfg, listener, luns, ops, stats_interval=args.stats_interval, policy=policy)
     sup.early_signals = early
     try:
         return uvloop.run(sup.run())

@@ -63,3 +63,27 @@ def test_killed_idle_worker_resumes_at_the_right_index(start_daemon, make_image,
     for _ in range(5):
         assert g.command(vs.test_unit_ready()).response.status == 0
     assert g.fe.get_vring_base(2) == 15
+
+
+def test_hung_worker_is_aborted_killed_and_replaced(start_daemon, make_image, guest_factory):
+    """A worker that stops answering (here: SIGSTOP, as if stuck in a syscall) gets
+    SIGABRT, then SIGKILL, and is replaced; the request it held completes."""
+    img = make_image(size=1 << 20)
+    d = start_daemon("--lun", str(img), "--heartbeat-timeout", "1")
+    g = guest_factory(d)
+    assert g.command(vs.test_unit_ready()).response.status == 0
+    (victim,) = _workers(d)
+    victim.send_signal(signal.SIGSTOP)
+    b, q = g.builders[2], g.queues[2]
+    h = b.command(vs.write10(0, 1), data_out=b"H" * 512, publish=True)
+    q.kick()
+    hung = d.wait_for_log("worker_hung", timeout=15)
+    assert hung["action"] == "SIGABRT"
+    d.wait_for_log("worker_hung", timeout=15, action="SIGKILL")
+    died = d.wait_for_log("worker_died", timeout=15)
+    assert "SIGKILL" in died["status"]
+    g.wait(h, timeout=30)
+    assert h.response.status == 0
+    (new,) = _workers(d)
+    assert new.pid != victim.pid
+    assert open(img, "rb").read(512) == b"H" * 512

@@ -19,7 +19,7 @@ import sys
 from . import __version__
 from .config import (
     DEFAULT_IMAGE_SIZE, DEFAULT_QUEUE_SIZE, MAX_QUEUE_SIZE, ConfigError, DaemonConfig, LunSpec,
-    check_lun_path, parse_size,
+    check_lun_path,
 )
 
 EXIT_OK = 0

@@ -22,8 +22,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from . import log as vlog
-from .device import FIRST_REQUEST_QUEUE, RingState
-from .memory import GuestMemoryError
+from .device import RingState
 from .workerpool import WorkerGone
 
 from vscsid.workers.request import (

@@ -74,8 +74,6 @@ class RingState:
     desc_uva: int = 0
     used_uva: int = 0
     avail_uva: int = 0
-    log_guest_addr: int = 0
-    addr_flags: int = 0
     addr_set: bool = False
     base: int = 0
     kick_fd: int = -1

@@ -94,9 +94,6 @@ def get(**context: Any):
     return structlog.get_logger().bind(**context) if context else structlog.get_logger()
 
 
-def pid() -> int:
-    return os.getpid()
-
 
 class RateLimiter:
     """Token bucket per key, for log lines a guest can trigger at will (malformed

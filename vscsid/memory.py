@@ -218,20 +218,6 @@ class GuestMemory:
         self.regions = []
         self._last = None
 
-    def add(self, region: Region, *, max_regions: int) -> None:
-        specs = self.specs() + [region.spec()]
-        validate_table(specs, max_regions=max_regions)
-        self.regions.append(region)
-        self.regions.sort(key=lambda r: r.gpa)
-
-    def remove(self, gpa: int, size: int, uva: int) -> Region:
-        for r in self.regions:
-            if r.gpa == gpa and r.size == size and r.uva == uva:
-                self.regions.remove(r)
-                self._last = self.regions[0] if self.regions else None
-                return r
-        raise GuestMemoryError(f"no region at GPA {gpa:#x} size {size:#x} to remove")
-
     # -- lookup
     def _find_gpa(self, gpa: int) -> Region:
         r = self._last
@@ -277,16 +263,6 @@ class GuestMemory:
                 return r.gpa + (uva - r.uva)
         raise GuestMemoryError(
             f"front-end address range {uva:#x}+{length:#x} is not inside one region")
-
-    def uva_view(self, uva: int, length: int) -> memoryview:
-        return self.gpa_view(self.uva_to_gpa(uva, length), length)
-
-    def contains_gpa(self, gpa: int, length: int) -> bool:
-        try:
-            self.views(gpa, length)
-        except GuestMemoryError:
-            return False
-        return True
 
     def region_info(self) -> Iterable[dict]:
         for r in self.regions:

@@ -21,9 +21,7 @@ import signal
 import socket
 import stat
 import struct
-from typing import Any
 
-from . import ipc
 from . import log as vlog
 from . import systemd
 from .config import DaemonConfig, LunSpec
@@ -34,7 +32,7 @@ from .device import (
 from .memory import GuestMemory, GuestMemoryError, RegionSpec, fault_count
 from .osops import OsOps
 from .protocol import (
-    MAX_FDS, BackendCodec, ConfigPayload, Empty, Message, MemoryTable, ProtocolError,
+    MAX_FDS, BackendCodec, ConfigPayload, Message, MemoryTable, ProtocolError,
     ProtocolFeature, Request, U64Payload, VringAddr, VringFile, VringState,
 )
 from .protocol import Inflight as InflightPayload
@@ -125,10 +123,6 @@ def disk_info(spec: LunSpec, index: int, size: int) -> dict:
 
 
 # ---------------------------------------------------------------------------- session
-
-class SessionClosed(Exception):
-    pass
-
 
 class Session:
     """One front-end connection."""
@@ -590,7 +584,6 @@ class Session:
         if p.flags & VringAddr.F_LOG:
             raise Rejected("dirty logging requested but not offered")
         ring.desc_uva, ring.used_uva, ring.avail_uva = p.desc_user_addr, p.used_user_addr, p.avail_user_addr
-        ring.log_guest_addr, ring.addr_flags = p.log_guest_addr, p.flags
         ring.addr_set = True
         if self.mem is not None and ring.num:
             self._ring_gpas(ring)     # validate now, while the front end can still hear a NACK
@@ -633,7 +626,7 @@ class Session:
                         last = int(rep["last_avail"])
                 except WorkerGone as exc:
                     self.log.error("ring_stop_without_worker", ring=ring.index, error=str(exc))
-                    last = self.sup.last_known_avail.get(ring.index, ring.base)
+                    last = ring.base
             ring.started = False
             ring.base = last
             self.log.info("ring_stopped", ring=ring.index, last_avail=last)
@@ -958,7 +951,6 @@ class Supervisor:
         self.log = vlog.get()
         self.stopping = False
         self.exit_code = 0
-        self.last_known_avail: dict[int, int] = {}
         self._stop_event: asyncio.Event | None = None
         self._signal_queue: list[int] = []
         self.log_settings = vlog.settings()

@@ -16,12 +16,10 @@ All OS effects go through ``ops`` (:class:`vscsid.osops.OsOps`).
 from __future__ import annotations
 
 import asyncio
-import enum
 import itertools
-import os
 import signal
 import socket
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from . import ipc
 from . import log as vlog
@@ -49,7 +47,6 @@ class WorkerHandle:
         self.life = Lifecycle(policy)
         self.pending: dict[int, asyncio.Future] = {}
         self._seq = itertools.count(1)
-        self.last_exit: int | None = None
         self.last_stats: dict = {}
         self.log = vlog.get(queue=queue, vq=queue + 2)
 
@@ -77,7 +74,6 @@ class WorkerHandle:
         self.ops.close(self.pidfd)
         self.pidfd = -1
         self._close_channel()
-        self.last_exit = code
         self._fail_pending(WorkerGone(f"worker exited ({describe_exit(code)})"))
         self.on_exit(self, code)
 
@@ -157,14 +153,6 @@ class WorkerHandle:
         finally:
             self.pending.pop(seq, None)
 
-    def notify(self, op: str, fds: Sequence[int] = (), **fields: Any) -> None:
-        """Fire-and-forget message."""
-        if self.chan is not None:
-            try:
-                ipc.send(self.chan, {"op": op, **fields}, fds)
-            except OSError:
-                pass
-
 
 def describe_exit(code: int) -> str:
     if code < 0:
@@ -175,15 +163,3 @@ def describe_exit(code: int) -> str:
         hint = " (perhaps out of memory?)" if -code == signal.SIGKILL else ""
         return f"killed by {name}{hint}"
     return f"exit code {code}"
-
-
-async def gather_replies(calls: Sequence[Awaitable[dict]]) -> list[dict | BaseException]:
-    return await asyncio.gather(*calls, return_exceptions=True)
-
-
-def close_fds(fds: Sequence[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass

@@ -15,19 +15,6 @@ import os
 
 from ._fast import ffi, lib
 
-ENGINES = ("c", "python")
-
-
-def uring_available() -> bool:
-    """True if io_uring can be set up here (it may be disabled by seccomp / sysctl)."""
-    u = ffi.new("struct vsd_uring *")
-    ios = ffi.new("struct vsd_io[]", 2)
-    r = lib.vsd_uring_init(u, 2, -1, ios)
-    if r == 0:
-        lib.vsd_uring_free(u)
-        return True
-    return False
-
 
 class CQueue:
     def __init__(self, *, queue, mem, luns: dict, lun_flags: dict, cdb_size: int,

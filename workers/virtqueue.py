@@ -90,7 +90,7 @@ class SplitQueue:
 
     __slots__ = ("mem", "size", "mask", "desc", "avail", "used", "event_idx",
                  "last_avail", "used_idx", "signalled_used", "signalled_valid",
-                 "_used_event_off", "_avail_event_off", "inflight", "max_chain")
+                 "_used_event_off", "_avail_event_off")
 
     def __init__(self, mem: GuestMemory, size: int, desc_gpa: int, avail_gpa: int,
                  used_gpa: int, *, event_idx: bool, last_avail: int):
@@ -117,8 +117,6 @@ class SplitQueue:
         self.signalled_valid = False
         self._used_event_off = 4 + 2 * size
         self._avail_event_off = 4 + 8 * size
-        self.inflight = 0
-        self.max_chain = size
 
     def release(self) -> None:
         """Drop the views of guest memory (before the memory table is unmapped)."""
@@ -160,7 +158,6 @@ class SplitQueue:
                                 f"names descriptor {head}, queue size is {size}")
             heads.append(head)
         self.last_avail = (start + n) & 0xFFFF
-        self.inflight += n
         return heads
 
     def walk(self, head: int) -> Chain:
@@ -225,7 +222,6 @@ class SplitQueue:
         """Stage a used element; it becomes visible at :meth:`publish`."""
         USED_ELEM.pack_into(self.used, 4 + 8 * (self.used_idx & self.mask), head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        self.inflight -= 1
 
     def publish(self) -> None:
         _wmb()  # used elements before the index

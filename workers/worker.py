@@ -43,7 +43,7 @@ from .request import (
     RESP_HDR_SIZE, S_BAD_TARGET, S_FAILURE, S_OK, S_OVERRUN, decode_lun, gather, scatter,
     split_views,
 )
-from .scsi import IoPlan, ScsiResult, SGList
+from .scsi import ScsiResult, SGList
 from .virtqueue import ChainError, RingError, SplitQueue
 
 BATCH_LIMIT = 1024   # requests per pass before the control channel gets a look
@@ -87,7 +87,6 @@ class Worker:
         self.state_mm: mmap.mmap | None = None
         self.cdb_size = DEFAULT_CDB_SIZE
         self.sense_size = DEFAULT_SENSE_SIZE
-        self.queue_index = -1
         self.running = True
         self.timers: list = []                 # heap of (deadline, seq, Pending)
         self._seq = itertools.count()
@@ -449,7 +448,6 @@ class Worker:
     def _op_configure(self, msg: dict, fds: list[int]) -> None:
         from .scsi import Disk, DiskInfo, LunState, ScsiTarget
 
-        self.queue_index = msg["queue"]
         self.engine = msg.get("engine", "python")
         self.poll_us = int(msg.get("poll_us", 0))
         self.cdb_size = int(msg.get("cdb_size", DEFAULT_CDB_SIZE))
@@ -655,7 +653,6 @@ class Worker:
                 recovered = self.inflight.recover(q.used_idx, q.used)
             if recovered is not None and (recovered[1] or msg.get("resume")):
                 q.last_avail, self.resubmit = recovered
-                q.inflight = len(self.resubmit)
                 self.log.info("inflight_recovered", next_avail=q.last_avail, used_idx=q.used_idx,
                               resubmit=len(self.resubmit))
             else:

@@ -20,7 +20,7 @@ from vscsid.client import virtio_scsi as vs
 from vscsid.client.guestmem import FrontendMemory
 from vscsid.protocol import Request, encode_request
 
-from .harness import Guest, HostileDaemon, check_serves, wait_until
+from .harness import Guest, HostileDaemon, check_serves
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -19,9 +19,9 @@ from vscsid.client.driverq import (
     DESC_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
 )
 from vscsid.client.guestmem import POISON, FrontendMemory
-from vscsid.protocol import Request, VringState
+from vscsid.protocol import Request
 
-from .harness import Guest, wait_until
+from .harness import Guest
 
 pytestmark = pytest.mark.timeout(60)
 

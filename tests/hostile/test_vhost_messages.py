@@ -20,7 +20,6 @@ import pytest
 from vscsid import protocol as P
 from vscsid.client import virtio_scsi as vs
 from vscsid.client.driverq import DriverQueue
-from vscsid.client.frontend import Nack, VhostUserFrontend
 from vscsid.client.guestmem import FrontendMemory
 from vscsid.protocol import (
     ConfigPayload, MemoryRegion, MemoryTable, Request, U64Payload, VringAddr, VringFile,
@@ -28,7 +27,7 @@ from vscsid.protocol import (
 )
 
 from .conftest import NUM_QUEUES
-from .harness import Conn, Guest, Tracer, check_serves, memfd, wait_until
+from .harness import Conn, Guest, Tracer, memfd, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -777,7 +776,7 @@ def test_rejected_kick_leaves_no_stale_fd(daemon, baseline, ring):
         kick = c.fe.eventfd()
         c.expect_nack(R.SET_VRING_KICK, VringFile(ring, False), [kick])  # before SET_MEM_TABLE
         c.fe.set_mem_table(mem)         # its memfd gets the number the kick fd had
-        assert daemon.holders(f"memfd:vscsid-guest")
+        assert daemon.holders("memfd:vscsid-guest")
         held = [t for t in daemon.fd_targets() if "vscsid-guest" in t]
         c.fe.get_vring_base(ring)       # a ring that never started: must close nothing
         assert [t for t in daemon.fd_targets() if "vscsid-guest" in t] == held

@@ -11,7 +11,6 @@ from vscsid.client import virtio_scsi as vs
 from vscsid.client.driverq import DriverQueue
 from vscsid.client.frontend import Nack, VhostUserFrontend
 from vscsid.client.guestmem import FrontendMemory
-from vscsid.protocol import Request, VringState
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -11,7 +11,7 @@ from vscsid.client.driverq import DriverQueue
 from vscsid.client.frontend import VhostUserFrontend
 from vscsid.client.guestmem import FrontendMemory
 from vscsid.protocol import (
-    MemoryRegion, MemRegionMsg, ProtocolFeature, Request, U64Payload, feature_mask,
+    MemoryRegion, MemRegionMsg, ProtocolFeature, Request, feature_mask,
 )
 
 pytestmark = pytest.mark.timeout(120)

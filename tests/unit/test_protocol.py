@@ -1,7 +1,6 @@
 """The vhost-user codec: byte-exact framing, validation, fd ownership."""
 from __future__ import annotations
 
-import os
 import struct
 
 import pytest

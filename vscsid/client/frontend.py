@@ -19,13 +19,12 @@ from __future__ import annotations
 import os
 import select
 import socket
-import struct
 import time
 from typing import Sequence
 
 from vscsid.protocol import (
     VHOST_USER_F_PROTOCOL_FEATURES, ConfigPayload, Empty, FrontendCodec, MemoryRegion,
-    MemoryTable, MemRegionMsg, Message, ProtocolError, ProtocolFeature, Request, U64Payload,
+    MemoryTable, Message, ProtocolFeature, Request, U64Payload,
     VringAddr, VringFile, VringState, encode_request, feature_mask,
 )
 

@@ -115,13 +115,6 @@ for _c in COMMANDS:
     assert _g is None or _g == _c.cdb_len, _c.name
 
 
-def find_command(opcode: int, service_action: int | None) -> Command | None:
-    for c in COMMANDS:
-        if c.opcode == opcode and (c.service_action is None or c.service_action == service_action):
-            return c
-    return None
-
-
 # -- CDB field layouts (precompiled) ---------------------------------------------------------
 
 # opcode+LBA(21 bits), transfer length, control

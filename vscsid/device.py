@@ -17,6 +17,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+from vscsid.workers.request import DEFAULT_CDB_SIZE, DEFAULT_SENSE_SIZE
+
 from .protocol import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature, feature_mask
 
 # virtio feature bits
@@ -57,8 +59,6 @@ CONFIG_SIZE = SCSI_CONFIG.size  # 36
 _SENSE_SIZE_OFF = 20
 _CDB_SIZE_OFF = 24
 EVENT_INFO_SIZE = 16
-DEFAULT_SENSE_SIZE = 96
-DEFAULT_CDB_SIZE = 32
 MAX_SENSE_SIZE = 252
 MAX_CDB_SIZE = 252
 

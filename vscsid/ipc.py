@@ -68,6 +68,16 @@ def send(sock: socket.socket, msg: dict, fds: Sequence[int] = ()) -> None:
 _FD = struct.Struct("i")
 
 
+def fds_from_ancdata(anc) -> list[int]:
+    """The fds carried by ``recvmsg`` ancillary data (SCM_RIGHTS), in order."""
+    fds: list[int] = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % _FD.size
+            fds.extend(struct.unpack(f"{usable // _FD.size}i", payload[:usable]))
+    return fds
+
+
 def recv(sock: socket.socket, flags: int = 0) -> tuple[dict[str, Any], list[int]]:
     """Receive one message (pass ``socket.MSG_DONTWAIT`` to never block).
 
@@ -75,11 +85,7 @@ def recv(sock: socket.socket, flags: int = 0) -> tuple[dict[str, Any], list[int]
     on Python 3.11, so neither MSG_DONTWAIT nor MSG_CMSG_CLOEXEC would apply."""
     data, anc, flags, _ = sock.recvmsg(MAX_MSG, socket.CMSG_SPACE(MAX_FDS * _FD.size),
                                        flags | socket.MSG_CMSG_CLOEXEC)
-    fds: list[int] = []
-    for level, kind, payload in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(payload) - len(payload) % _FD.size
-            fds.extend(struct.unpack(f"{usable // _FD.size}i", payload[:usable]))
+    fds = fds_from_ancdata(anc)
     if flags & socket.MSG_CTRUNC:
         for fd in fds:
             os.close(fd)

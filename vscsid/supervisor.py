@@ -22,6 +22,7 @@ import socket
 import stat
 import struct
 
+from . import ipc
 from . import log as vlog
 from . import systemd
 from .config import DaemonConfig, LunSpec
@@ -143,7 +144,6 @@ class Session:
                               max_sectors=sup.cfg.max_sectors, cmd_per_lun=sup.cfg.cmd_per_lun),
         )
         self.mem: GuestMemory | None = None
-        self.mem_fds: list[int] = []
         self.mem_generation = 0
         self.queue: asyncio.Queue = asyncio.Queue()
         self.closed = asyncio.Event()
@@ -191,11 +191,7 @@ class Session:
             self.log.warning("connection_error", error=str(exc))
             self._eof()
             return
-        fds: list[int] = []
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                usable = len(payload) - len(payload) % 4
-                fds.extend(struct.unpack(f"{usable // 4}i", payload[:usable]))
+        fds = ipc.fds_from_ancdata(anc)
         if flags & socket.MSG_CTRUNC:
             for fd in fds:
                 self.ops.close(fd)
@@ -485,27 +481,30 @@ class Session:
             for fd in fds:
                 self.ops.close(fd)
             raise
-        await self._swap_memory(new, fds, self.mem_fds)
+        await self._swap_memory(new)
         return None
 
-    async def _swap_memory(self, new: GuestMemory, fds: list[int], retired_fds: list[int]) -> None:
+    async def _swap_memory(self, new: GuestMemory) -> None:
         """Install a new memory table everywhere: quiesce, remap, resume.
 
         The control queues drop their views under their lock and rebuild them on
         the new mapping; every worker drains its in-flight requests, remaps and
         rebuilds its ring at the same indices. Only then is the old mapping
-        closed, so no view of it survives anywhere."""
+        closed, so no view of it survives anywhere. The session owns the region
+        fds (each Region records its own): those the new table no longer uses
+        are closed with the old mapping."""
         old = self.mem
         self.mem_generation += 1
         async with self.control.lock:
             self.control.release_views()
-            self.mem, self.mem_fds = new, fds
+            self.mem = new
             self.control.rebuild_views()
         await self._send_memory_to_workers()
         if old is not None:
+            retired = set(old.fds()) - set(new.fds())
             _close_memory(old)
-        for fd in retired_fds:
-            self.ops.close(fd)
+            for fd in retired:
+                self.ops.close(fd)
         self.log.info("memory_table_set", generation=self.mem_generation,
                       regions=[r for r in new.region_info()])
 
@@ -526,7 +525,7 @@ class Session:
         except GuestMemoryError:
             self.ops.close(fd)
             raise
-        await self._swap_memory(new, self.mem_fds + [fd], [])
+        await self._swap_memory(new)
         return None
 
     async def _h_rem_mem_reg(self, msg):
@@ -542,13 +541,12 @@ class Session:
         if len(keep) == len(self.mem.regions):
             raise Rejected(f"REM_MEM_REG: no region at GPA {r.guest_phys_addr:#x} size "
                            f"{r.memory_size:#x}")
-        removed = [fd for fd in self.mem.fds() if fd not in {k[1] for k in keep}]
         if keep:
             new = GuestMemory.map([k[0] for k in keep], [k[1] for k in keep],
                                   max_regions=MAX_MEM_SLOTS, generation=self.mem_generation + 1)
         else:
             new = GuestMemory([], generation=self.mem_generation + 1)
-        await self._swap_memory(new, [k[1] for k in keep], removed)
+        await self._swap_memory(new)
         return None
 
     async def _send_memory_to_workers(self, workers=None) -> None:
@@ -861,11 +859,11 @@ class Session:
         self.control.close()
         self._drop_inflight()
         if self.mem is not None:
+            fds = self.mem.fds()
             _close_memory(self.mem)
             self.mem = None
-        for fd in self.mem_fds:
-            self.ops.close(fd)
-        self.mem_fds = []
+            for fd in fds:
+                self.ops.close(fd)
         self.codec.close()
         # Workers drop their mappings too, so the guest's memory is released.
         for w in self.sup.workers:

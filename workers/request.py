@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import struct
 
+from .scsi.constants import WLUN_REPORT_LUNS  # noqa: F401  (re-exported for the control plane)
+
 REQ_HDR = struct.Struct("<8sQBBB")       # lun, id, task_attr, prio, crn  (19 bytes)
 RESP_HDR = struct.Struct("<IIHBB")       # sense_len, residual, status_qualifier, status, response
 REQ_HDR_SIZE = REQ_HDR.size              # 19
@@ -40,7 +42,6 @@ S_FUNCTION_SUCCEEDED = 10
 S_FUNCTION_REJECTED = 11
 S_INCORRECT_LUN = 12
 
-WLUN_REPORT_LUNS = 0xC101
 
 #: decode_lun() results that are not a LUN number
 LUN_BAD_TARGET = -1

@@ -22,15 +22,12 @@ import socket
 import time
 from typing import Sequence
 
+from vscsid.device import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
 from vscsid.protocol import (
     VHOST_USER_F_PROTOCOL_FEATURES, ConfigPayload, Empty, FrontendCodec, MemoryRegion,
     MemoryTable, Message, ProtocolFeature, Request, U64Payload,
     VringAddr, VringFile, VringState, encode_request, feature_mask,
 )
-
-VIRTIO_F_VERSION_1 = 32
-VIRTIO_RING_F_INDIRECT_DESC = 28
-VIRTIO_RING_F_EVENT_IDX = 29
 
 DEFAULT_PROTOCOL = feature_mask(ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK,
                                 ProtocolFeature.CONFIG)

@@ -122,7 +122,7 @@ class Region:
             # A front end that shrinks the file under our mapping would turn every
             # access into SIGBUS: forbid shrinking where the file allows sealing
             # (memfds; QEMU's memory-backend-memfd seals them itself by default).
-            _seal_shrink(fd)
+            seal_against_shrink(fd)
             st = os.fstat(fd)
             size = st.st_size
         else:
@@ -140,12 +140,7 @@ class Region:
         except (OSError, AttributeError):
             pass
         self.view = memoryview(self._mm)[self.mmap_offset:need]
-        self._guard = None
-        if _lib is not None:
-            pin = _ffi.from_buffer(self._mm)
-            self._guard = _ffi.cast("uint8_t *", int(_ffi.cast("uintptr_t", pin)))
-            _ffi.release(pin)
-            _lib.vsd_guard_add(self._guard, need)
+        self._guard = guard_mapping(self._mm)
 
     def spec(self) -> RegionSpec:
         return RegionSpec(self.gpa, self.size, self.uva, self.mmap_offset)
@@ -157,13 +152,31 @@ class Region:
         self.view.release()
         self._mm.close()          # raises BufferError (and keeps the guard) if views live on
         self._mm = None
-        if self._guard is not None:
-            _lib.vsd_guard_remove(self._guard)
-            self._guard = None
+        unguard_mapping(self._guard)
+        self._guard = None
 
 
-def _seal_shrink(fd: int) -> None:
-    """Best effort: add F_SEAL_SHRINK to a sealable file (a memfd)."""
+def guard_mapping(mm: mmap.mmap):
+    """Register a shared mapping of a front end's file with the SIGBUS guard (see
+    :func:`install_fault_guard`). Returns the handle for :func:`unguard_mapping`."""
+    if _lib is None:
+        return None
+    pin = _ffi.from_buffer(mm)
+    base = _ffi.cast("uint8_t *", int(_ffi.cast("uintptr_t", pin)))
+    _ffi.release(pin)
+    _lib.vsd_guard_add(base, len(mm))
+    return base
+
+
+def unguard_mapping(handle) -> None:
+    """Call after the mapping is unmapped."""
+    if handle is not None:
+        _lib.vsd_guard_remove(handle)
+
+
+def seal_against_shrink(fd: int) -> None:
+    """Best effort: add F_SEAL_SHRINK to a sealable file (a memfd), so the front end
+    that handed it over cannot truncate it under our mapping."""
     try:
         if not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)

@@ -30,7 +30,7 @@ from .control import ControlQueues
 from .device import (
     FIRST_REQUEST_QUEUE, STATUS_NEEDS_RESET, DeviceState, Rejected, RingState, ScsiConfig,
 )
-from .memory import GuestMemory, GuestMemoryError, RegionSpec, fault_count
+from .memory import GuestMemory, GuestMemoryError, RegionSpec, fault_count, seal_against_shrink
 from .osops import OsOps
 from .protocol import (
     MAX_FDS, BackendCodec, ConfigPayload, Message, MemoryTable, ProtocolError,
@@ -748,6 +748,7 @@ class Session:
             if p.mmap_size < per * p.num_queues:
                 raise Rejected(f"inflight region of {p.mmap_size} bytes is too small for "
                                f"{p.num_queues} queues of {qs}")
+            seal_against_shrink(fd)      # it is mapped by workers: no truncation under them
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_size < p.mmap_offset + p.mmap_size:
                 raise Rejected("inflight fd is not a file covering the region")

@@ -35,7 +35,9 @@ from typing import Any
 from vscsid import ipc
 from vscsid import log as vlog
 from vscsid.config import LunSpec
-from vscsid.memory import GuestMemory, GuestMemoryError, RegionSpec, fault_count
+from vscsid.memory import (
+    GuestMemory, GuestMemoryError, RegionSpec, fault_count, guard_mapping, unguard_mapping,
+)
 
 from .inflight import InflightQueue
 from .request import (
@@ -74,6 +76,7 @@ class Worker:
         self.queue: SplitQueue | None = None
         self.inflight: InflightQueue | None = None
         self._inflight_mm: mmap.mmap | None = None
+        self._inflight_guard = None
         self.kick_fd = -1
         self.call_fd = -1
         self.err_fd = -1
@@ -608,6 +611,9 @@ class Worker:
         self._inflight_mm = mmap.mmap(fd, size + offset - page, mmap.MAP_SHARED,
                                       mmap.PROT_READ | mmap.PROT_WRITE, offset=page)
         os.close(fd)
+        # The region may come from the front end (SET_INFLIGHT_FD): if it shrinks
+        # the file, accesses fault like guest memory and are survived the same way.
+        self._inflight_guard = guard_mapping(self._inflight_mm)
         view = memoryview(self._inflight_mm)[offset - page:offset - page + size]
         self.inflight = InflightQueue(view, int(msg["size"]))
 
@@ -618,6 +624,8 @@ class Worker:
         if self._inflight_mm is not None:
             self._inflight_mm.close()
             self._inflight_mm = None
+            unguard_mapping(self._inflight_guard)
+            self._inflight_guard = None
 
     def _op_start(self, msg: dict, fds: list[int]) -> None:
         fds = list(fds)

@@ -179,3 +179,44 @@ def test_truncated_unsealable_memory_does_not_kill_the_daemon():
             check_serves(d)
         finally:
             mem.close()
+
+
+def test_truncated_inflight_region_does_not_kill_the_daemon():
+    """The inflight region handed over with SET_INFLIGHT_FD is a front end's file too:
+    shrinking it under the workers' mapping is survived like guest memory."""
+    from vscsid import protocol as P
+    from vscsid.client.driverq import DriverQueue
+    from vscsid.workers.inflight import queue_region_size
+
+    from .harness import Conn, memfd
+
+    qsize, rings = 64, 3
+    size = queue_region_size(qsize) * rings
+    fd = memfd("unsealable-inflight", size)          # no MFD_ALLOW_SEALING: cannot be sealed
+    mem = FrontendMemory(4 << 20)
+    with own_daemon() as d:
+        c = Conn(d)
+        try:
+            c.fe.set_mem_table(mem)
+            assert c.ack(Request.SET_INFLIGHT_FD, P.Inflight(size, 0, rings, qsize), [fd]) == 0
+            qs = {i: DriverQueue(mem, qsize, event_idx=c.fe.event_idx) for i in range(rings)}
+            for i, q in qs.items():
+                c.fe.setup_queue(i, q)
+            b = vs.ScsiRequestBuilder(qs[2], mem)
+            h = b.command(vs.test_unit_ready(), publish=True)
+            qs[2].kick()
+            deadline = time.monotonic() + 5
+            while not h.done and time.monotonic() < deadline:
+                b.reap()
+                qs[2].wait_used(0.1)
+            assert h.done and h.response.ok
+            os.ftruncate(fd, 0)
+            b.command(vs.test_unit_ready(), publish=True)
+            qs[2].kick()
+            d.wait_since(c.mark, "frontend_dropped", timeout=10)
+            assert d.alive(), "the daemon died"
+        finally:
+            os.close(fd)
+            c.close_and_wait()
+            mem.close()
+        check_serves(d)

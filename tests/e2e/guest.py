@@ -1389,14 +1389,7 @@ def _json_out(res: GuestResults, name: str) -> dict | None:
     r = res.get(name)
     if not r or "value" not in r:
         return None
-    text = r["value"]
-    i = text.find("{")
-    if i < 0:
-        return None
-    try:
-        return json.loads(text[i:])
-    except ValueError:
-        return None
+    return _json_text(r["value"])
 
 
 def disk_summary(res: GuestResults, i: int) -> dict[str, Any]:

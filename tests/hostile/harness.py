@@ -156,6 +156,15 @@ def wait_until(pred, timeout: float = 5.0, interval: float = 0.01, what: str = "
         time.sleep(interval)
 
 
+def assert_tur_ok(q, mem, what: str = "I/O") -> None:
+    """TEST UNIT READY on a hand-configured queue completes with GOOD."""
+    b = vs.ScsiRequestBuilder(q, mem)
+    h = b.command(vs.test_unit_ready(), publish=True)
+    q.kick()
+    wait_until(lambda: b.reap() or h.done, 5, what=what)
+    assert h.response.ok
+
+
 def assert_clean(d: HostileDaemon, before: dict[int, int], what: str = "") -> None:
     """After a session closed: no fd count grew and no guest memory is still mapped or open."""
     def settled():

@@ -27,7 +27,7 @@ from vscsid.protocol import (
 )
 
 from .conftest import NUM_QUEUES
-from .harness import Conn, Guest, Tracer, memfd, wait_until
+from .harness import Conn, Guest, Tracer, assert_tur_ok, memfd, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -411,11 +411,7 @@ def test_bad_memory_table_is_nacked(daemon, baseline, case, replacing):
         if replacing:          # the old table still serves a ring
             q = DriverQueue(guest, 64, event_idx=c.fe.event_idx)
             c.fe.setup_queue(2, q)
-            b = vs.ScsiRequestBuilder(q, guest)
-            h = b.command(vs.test_unit_ready(), publish=True)
-            q.kick()
-            wait_until(lambda: b.reap() or h.done, 5, what="I/O on the old memory table")
-            assert h.response.ok
+            assert_tur_ok(q, guest, "I/O on the old memory table")
         else:
             c.set_mem()
     finally:
@@ -516,11 +512,7 @@ def test_bad_add_mem_reg(daemon, baseline, case):
         assert daemon.fd_count() == n_before and not daemon.holders("hostile-")
         q = DriverQueue(guest, 64, event_idx=c.fe.event_idx)
         c.fe.setup_queue(2, q)
-        b = vs.ScsiRequestBuilder(q, guest)
-        h = b.command(vs.test_unit_ready(), publish=True)
-        q.kick()
-        wait_until(lambda: b.reap() or h.done, 5, what="I/O after a refused ADD_MEM_REG")
-        assert h.response.ok
+        assert_tur_ok(q, guest, "I/O after a refused ADD_MEM_REG")
     finally:
         os.close(fd)
         c.close_and_wait()
@@ -756,11 +748,7 @@ def test_kick_before_the_ring_is_configured(daemon, baseline, missing):
         if missing in ("mem_table", "all"):
             c.fe.set_mem_table(mem)
         c.fe.setup_queue(2, q)
-        b = vs.ScsiRequestBuilder(q, mem)
-        h = b.command(vs.test_unit_ready(), publish=True)
-        q.kick()
-        wait_until(lambda: b.reap() or h.done, 5, what="I/O after a rejected kick")
-        assert h.response.ok
+        assert_tur_ok(q, mem, "I/O after a rejected kick")
     finally:
         c.close_and_wait()
         q.close()
@@ -796,11 +784,7 @@ def test_vring_addr_before_memory_then_good(daemon, baseline):
                                                  a.avail_user_addr, 0)) == 0
         c.fe.set_mem_table(g)
         c.fe.setup_queue(2, q)
-        b = vs.ScsiRequestBuilder(q, g)
-        h = b.command(vs.test_unit_ready(), publish=True)
-        q.kick()
-        wait_until(lambda: b.reap() or h.done, 5, what="I/O")
-        assert h.response.ok
+        assert_tur_ok(q, g, "I/O")
     finally:
         c.close_and_wait()
         q.close()

@@ -13,18 +13,15 @@ import pytest
 from vscsid.workers.backends import FileBackend, NullBackend, open_backend
 from vscsid.workers.scsi import Disk, DiskInfo, IoPlan, ScsiResult, ScsiTarget, SGList
 
+from .scsi_support import make_disk as _make_disk
+
 GOOD, CHECK = 0x00, 0x02
 BS = 512
 BLOCKS = 2048
 
 
 def make_disk(tmp_path, blocks=BLOCKS, bs=BS, name="disk.img", backend_cls=FileBackend, **kw):
-    path = tmp_path / name
-    with open(path, "wb") as f:
-        f.truncate(blocks * bs)
-    backend = backend_cls(str(path))
-    kw.setdefault("serial", "SN0001")
-    return Disk(DiskInfo.for_backend(backend, block_size=bs, **kw), backend)
+    return _make_disk(tmp_path, blocks, bs, name, backend_cls=backend_cls, **kw)
 
 
 def split(data: bytes, cuts) -> SGList:
@@ -65,16 +62,6 @@ def rw6(op, lba, n):
 
 def file_bytes(disk, offset, n):
     return os.pread(disk.backend.fd, n, offset)
-
-
-@pytest.fixture
-def disk(tmp_path):
-    return make_disk(tmp_path)
-
-
-@pytest.fixture
-def target(disk):
-    return ScsiTarget({0: disk})
 
 
 # ----------------------------------------------------------------------------- READ / WRITE

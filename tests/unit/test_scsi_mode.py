@@ -9,6 +9,8 @@ import pytest
 from vscsid.workers.backends import open_backend
 from vscsid.workers.scsi import Disk, DiskInfo, LunState, ScsiResult, ScsiTarget, SGList
 
+from .scsi_support import make_disk as _make_disk
+
 GOOD, CHECK = 0x00, 0x02
 
 RW_ERR = bytes([0x01, 0x0A, 0x80]) + bytes(9)
@@ -18,13 +20,8 @@ CONTROL = bytes([0x0A, 0x0A, 0x00, 0x10]) + bytes(8)
 
 
 def make_disk(tmp_path, blocks=2048, bs=512, name="disk.img", state=None, **kw):
-    path = tmp_path / name
-    if not path.exists():
-        with open(path, "wb") as f:
-            f.truncate(blocks * bs)
-    backend = open_backend(str(path))
-    kw.setdefault("serial", "SN0001")
-    return Disk(DiskInfo.for_backend(backend, block_size=bs, **kw), backend, state=state)
+    # Two Disks may share one image here (LunState tests): do not truncate it again.
+    return _make_disk(tmp_path, blocks, bs, name, state=state, reuse=True, **kw)
 
 
 def run(target, cdb, n=4096, data_out=b"", lun=0):
@@ -58,11 +55,6 @@ def select10(plen, pf=True, sp=False):
 @pytest.fixture
 def disk(tmp_path):
     return make_disk(tmp_path)
-
-
-@pytest.fixture
-def target(disk):
-    return ScsiTarget({0: disk})
 
 
 # ----------------------------------------------------------------------------- MODE SENSE

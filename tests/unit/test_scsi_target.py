@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from vscsid.workers.backends import NullBackend, open_backend
+from vscsid.workers.backends import NullBackend
 from vscsid.workers.scsi import (
     WLUN_REPORT_LUNS,
     Disk,
@@ -19,16 +19,9 @@ from vscsid.workers.scsi import (
 )
 from vscsid.workers.scsi.cdb import COMMANDS, CONTROL_NACA
 
+from .scsi_support import make_disk
+
 GOOD, CHECK = 0x00, 0x02
-
-
-def make_disk(tmp_path, blocks=2048, bs=512, name="disk.img", **kw):
-    path = tmp_path / name
-    with open(path, "wb") as f:
-        f.truncate(blocks * bs)
-    backend = open_backend(str(path), readonly=kw.pop("backend_readonly", False))
-    kw.setdefault("serial", "SN0001")
-    return Disk(DiskInfo.for_backend(backend, block_size=bs, **kw), backend)
 
 
 def din(n=4096):
@@ -46,16 +39,6 @@ def run(target, cdb, lun=0, n=4096, data_out=b""):
 def fixed(key, asc, ascq, sks=b"\x00\x00\x00", info=None):
     b0 = 0x70 if info is None else 0xF0
     return bytes([b0, 0, key]) + (info or 0).to_bytes(4, "big") + bytes([10, 0, 0, 0, 0, asc, ascq, 0]) + sks
-
-
-@pytest.fixture
-def disk(tmp_path):
-    return make_disk(tmp_path)
-
-
-@pytest.fixture
-def target(disk):
-    return ScsiTarget({0: disk})
 
 
 # ----------------------------------------------------------------------------- INQUIRY

@@ -300,7 +300,7 @@ class _Spec:
     sizes: tuple[int, ...]        # allowed payload sizes; () means "checked by the parser"
     fds: str                      # "0", "1", "0or1", "regions", "vring" (1 unless NOFD)
     parse: Callable[[bytes], Payload]
-    reply: str                    # "u64", "vring_state", "config", "inflight", "mem_table", "mem_reg", "none"
+    reply: str                    # "u64", "vring_state", "config", "inflight", "ack" (u64 0 = ok), "none"
 
 
 def _p_empty(data: bytes) -> Payload:
@@ -383,7 +383,7 @@ REQUESTS: dict[int, _Spec] = {
     # RESET_OWNER historically carried a u64 that is ignored.
     _R.RESET_OWNER: _Spec((0, 8), "0", _p_empty, "none"),
     _R.SET_MEM_TABLE: _Spec((), "regions", _p_mem_table, "none"),
-    _R.SET_LOG_BASE: _Spec((LOG.size,), "1", _p_log, "u64"),
+    _R.SET_LOG_BASE: _Spec((LOG.size,), "1", _p_log, "ack"),
     _R.SET_LOG_FD: _Spec((0,), "1", _p_empty, "none"),
     _R.SET_VRING_NUM: _Spec((8,), "0", _p_vring_state, "none"),
     _R.SET_VRING_ADDR: _Spec((VRING_ADDR.size,), "0", _p_vring_addr, "none"),
@@ -414,6 +414,25 @@ REQUESTS: dict[int, _Spec] = {
 
 #: Requests whose reply is part of the protocol (not REPLY_ACK).
 REPLY_KINDS = {code: spec.reply for code, spec in REQUESTS.items()}
+
+
+def error_reply(msg: Message) -> Payload | None:
+    """The reply a refused request still owes the front end, carrying the
+    protocol's failure marker: 0 for a u64 query, index/0 for GET_VRING_BASE,
+    a zero-size config for GET_CONFIG, an empty region for GET_INFLIGHT_FD.
+    None when the request has no reply of its own (answer with a REPLY_ACK or an
+    "ack" failure instead)."""
+    kind = REPLY_KINDS.get(msg.request, "none")
+    p = msg.payload
+    if kind == "u64":
+        return U64Payload(0)
+    if kind == "vring_state":
+        return VringState(p.index, 0)
+    if kind == "config":
+        return ConfigPayload(p.offset, 0, p.flags, b"")
+    if kind == "inflight":
+        return Inflight(0, 0, 0, 0)
+    return None
 
 
 def _expected_fds(spec: _Spec, payload: Payload) -> tuple[int, ...]:
@@ -703,7 +722,7 @@ class FrontendCodec:
             raise ProtocolError(f"reply to {request_name(request)} while waiting for "
                                 f"{request_name(expect)}", fatal=True, request=request)
         kind = kind or REPLY_KINDS.get(request, "u64")
-        if kind == "none":
+        if kind in ("none", "ack"):
             kind = "u64"
         parser = _REPLY_PARSERS.get(kind, _p_raw)
         try:

@@ -36,6 +36,7 @@ from .protocol import (
     MAX_FDS, BackendCodec, ConfigPayload, Message, MemoryTable, ProtocolError,
     ProtocolFeature, Request, U64Payload, VringAddr, VringFile, VringState,
 )
+from .protocol import error_reply
 from .protocol import Inflight as InflightPayload
 from vscsid.workers.inflight import queue_region_size
 from .lifecycle import Action, Policy, WState
@@ -351,8 +352,7 @@ class Session:
             for fd in msg.fds:
                 self.ops.close(fd)
             self.log.warning("unsupported_request", request=msg.name)
-            if msg.need_reply:
-                await self._send(BackendCodec.encode_ack(msg.request, ok=False))
+            await self._refuse(msg, msg.need_reply)
             return
         self.log.debug("request", request=msg.name, payload=repr(msg.payload))
         faults = fault_count()
@@ -374,15 +374,20 @@ class Session:
         if reply is _REPLIED:
             return
         if reply is _NACK:
-            kind = _REPLY_ON_ERROR.get(msg.request)
-            if kind is not None:
-                await self._send(BackendCodec.encode_reply(msg.request, kind(msg)))
-            elif reply_ack:
-                await self._send(BackendCodec.encode_ack(msg.request, ok=False))
+            await self._refuse(msg, reply_ack)
         elif reply is not None:
             await self._send(BackendCodec.encode_reply(msg.request, reply))
         elif reply_ack:
             await self._send(BackendCodec.encode_ack(msg.request, ok=True))
+
+    async def _refuse(self, msg: Message, ack: bool) -> None:
+        """Answer a request we refused: its own reply with the failure marker, or a
+        failed REPLY_ACK when one is due."""
+        payload = error_reply(msg)
+        if payload is not None:
+            await self._send(BackendCodec.encode_reply(msg.request, payload))
+        elif ack:
+            await self._send(BackendCodec.encode_ack(msg.request, ok=False))
 
     # -- features and ownership
     async def _h_get_features(self, msg):
@@ -444,11 +449,7 @@ class Session:
     # -- config space
     async def _h_get_config(self, msg):
         p = msg.payload
-        try:
-            data = self.device.read_config(p.offset, p.size)
-        except Rejected as exc:
-            self.log.warning("request_rejected", request=msg.name, reason=str(exc))
-            return ConfigPayload(p.offset, 0, p.flags, b"")
+        data = self.device.read_config(p.offset, p.size)   # Rejected: zero-size reply
         return ConfigPayload(p.offset, p.size, p.flags, data)
 
     async def _h_set_config(self, msg):
@@ -921,16 +922,6 @@ def seal_memfd(fd: int) -> None:
         _f.fcntl(fd, _f.F_ADD_SEALS, _f.F_SEAL_GROW | _f.F_SEAL_SHRINK | _f.F_SEAL_SEAL)
     except OSError:
         pass
-# Requests whose protocol reply must still be sent, carrying an error marker.
-_REPLY_ON_ERROR = {
-    Request.GET_VRING_BASE: lambda m: VringState(getattr(m.payload, "index", 0), 0),
-    Request.GET_FEATURES: lambda m: U64Payload(0),
-    Request.GET_PROTOCOL_FEATURES: lambda m: U64Payload(0),
-    Request.GET_QUEUE_NUM: lambda m: U64Payload(0),
-    Request.GET_STATUS: lambda m: U64Payload(0),
-    Request.GET_CONFIG: lambda m: ConfigPayload(m.payload.offset, 0, m.payload.flags, b""),
-    Request.GET_INFLIGHT_FD: lambda m: InflightPayload(0, 0, 0, 0),
-}
 
 
 # ---------------------------------------------------------------------------- supervisor

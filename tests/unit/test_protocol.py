@@ -266,3 +266,17 @@ def test_known_requests_with_arbitrary_payloads(request, body, nfds):
         assert sorted(log.closed) == fds
     else:
         assert msg is not None and msg.fds == fds and not log.closed
+
+
+def test_error_reply_follows_the_request_table():
+    vs = P.Message(P.Request.GET_VRING_BASE, 1, P.VringState(5, 0))
+    assert P.error_reply(vs) == P.VringState(5, 0)
+    cfg = P.Message(P.Request.GET_CONFIG, 1, P.ConfigPayload(20, 8, 0, bytes(8)))
+    assert P.error_reply(cfg) == P.ConfigPayload(20, 0, 0, b"")
+    for code in (P.Request.GET_FEATURES, P.Request.GET_MAX_MEM_SLOTS, P.Request.GET_STATUS):
+        assert P.error_reply(P.Message(code, 1, P.Empty())) == P.U64Payload(0)
+    assert P.error_reply(P.Message(P.Request.GET_INFLIGHT_FD, 1, P.Inflight(0, 0, 3, 128))) \
+        == P.Inflight(0, 0, 0, 0)
+    # Requests without a reply of their own get a REPLY_ACK failure instead.
+    for code in (P.Request.SET_MEM_TABLE, P.Request.SET_LOG_BASE, P.Request.SET_VRING_KICK):
+        assert P.error_reply(P.Message(code, 1, P.Empty())) is None

@@ -102,14 +102,9 @@ def _fd_size(fd: int) -> int:
 
 
 def disk_info(spec: LunSpec, index: int, size: int) -> dict:
-    """The static identity of a LUN (what the SCSI target reports), as plain data."""
-    from hashlib import sha256
-
+    """The static identity of a LUN (what the SCSI target reports), as plain data.
+    The NAA designator (VPD 83) is derived from the serial by the target itself."""
     serial = spec.effective_serial(index)
-    # NAA IEEE Registered (6): 4-bit NAA, 24-bit OUI, 36-bit vendor id + 64-bit extension.
-    # We use a locally administered-looking value derived from the serial.
-    digest = sha256(serial.encode()).digest()
-    naa = bytes([0x60 | (digest[0] & 0x0F)]) + digest[1:16]
     return {
         "block_size": spec.block_size,
         "num_blocks": size // spec.block_size,
@@ -118,7 +113,6 @@ def disk_info(spec: LunSpec, index: int, size: int) -> dict:
         "rotational": spec.rotational,
         "vendor": spec.vendor,
         "product": spec.product,
-        "device_id": naa.hex(),
         "write_cache": not spec.writethrough,
         "discard": spec.discard,
     }

@@ -39,6 +39,7 @@ from vscsid.memory import (
     GuestMemory, GuestMemoryError, RegionSpec, fault_count, guard_mapping, unguard_mapping,
 )
 
+from ._fast import lib as _lib
 from .inflight import InflightQueue
 from .request import (
     DEFAULT_CDB_SIZE, DEFAULT_SENSE_SIZE, LUN_BAD_TARGET, REQ_HDR, REQ_HDR_SIZE, RESP_HDR,
@@ -101,8 +102,6 @@ class Worker:
         self._ring_params: dict | None = None
         self._faults = fault_count()
         self._limiter = vlog.RateLimiter()
-        from ._fast import lib as _lib
-
         self.timer_fd = _lib.vsd_timerfd_create()   # deadlines of delayed requests (ns)
         self._armed = 0.0
         self.epoll.register(self.timer_fd, select.EPOLLIN)
@@ -349,8 +348,6 @@ class Worker:
     def _arm_timer(self) -> None:
         deadline = self.timers[0][0]
         if deadline != self._armed:
-            from ._fast import lib as _lib
-
             _lib.vsd_timerfd_arm(self.timer_fd, max(1, int(deadline * 1e9)))
             self._armed = deadline
 

@@ -28,6 +28,7 @@ from . import systemd
 from .config import DaemonConfig, LunSpec
 from .control import ControlQueues
 from .device import (
+    DEFAULT_CDB_SIZE, DEFAULT_SENSE_SIZE,
     FIRST_REQUEST_QUEUE, STATUS_NEEDS_RESET, DeviceState, Rejected, RingState, ScsiConfig,
 )
 from .memory import GuestMemory, GuestMemoryError, RegionSpec, fault_count, seal_against_shrink
@@ -460,7 +461,7 @@ class Session:
                 try:
                     await w.request("params", cdb_size=cfg.cdb_size, sense_size=cfg.sense_size)
                 except (WorkerGone, asyncio.TimeoutError) as exc:
-                    # A restarting worker gets the params in resume_worker().
+                    # A restarting worker gets them with its configure message.
                     self.log.warning("worker_params_failed", queue=w.queue, error=str(exc))
 
     # -- memory
@@ -805,9 +806,7 @@ class Session:
         """Bring a restarted worker back to where its predecessor was."""
         if self.mem is None:
             return
-        await self._send_memory_to_workers([w])
-        cfg = self.device.config
-        await w.request("params", cdb_size=cfg.cdb_size, sense_size=cfg.sense_size)
+        await self._send_memory_to_workers([w])      # (configure carried cdb/sense sizes)
         ring = self.device.rings[w.queue + FIRST_REQUEST_QUEUE]
         if ring.started and ring.kick_fd >= 0:
             ring.started = False
@@ -965,8 +964,9 @@ class Supervisor:
         cfg = self.session.device.config if self.session else None
         rep = await w.request("configure", fds, queue=w.queue, luns=entries, state_page=True,
                               engine=self.cfg.engine, poll_us=self.cfg.poll_us,
-                              cdb_size=cfg.cdb_size if cfg else 32,
-                              sense_size=cfg.sense_size if cfg else 96, timeout=60)
+                              cdb_size=cfg.cdb_size if cfg else DEFAULT_CDB_SIZE,
+                              sense_size=cfg.sense_size if cfg else DEFAULT_SENSE_SIZE,
+                              timeout=60)
         if not rep.get("ok"):
             raise RuntimeError(f"worker {w.queue} failed to configure: {rep.get('error')}")
         w.life.configured(self.ops.monotonic())

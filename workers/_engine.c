@@ -18,6 +18,7 @@
  * kernel allows it: requests stay in flight and complete out of order.
  */
 #include <errno.h>
+#include <stdlib.h>
 #include <poll.h>
 #include <stdint.h>
 #include <stddef.h>
@@ -30,89 +31,32 @@
 #include <linux/io_uring.h>
 #include <linux/fs.h>
 
-#define VSD_MAX_REGIONS 8
-#define VSD_MAX_LUNS 256
-#define VSD_MAX_IOV 256
-
-#define DESC_F_NEXT 1
-#define DESC_F_WRITE 2
-#define DESC_F_INDIRECT 4
-#define AVAIL_F_NO_INTERRUPT 1
-#define USED_F_NO_NOTIFY 1
-
-#define LUN_PRESENT 1
-#define LUN_RO 2
-#define LUN_NULL 4
-#define LUN_FAST 8
-#define LUN_ASYNC 16     /* serve through io_uring (O_DIRECT, injected latency) */
-
-#define STATE_WCE 1
-
-struct vsd_region {
-    uint64_t gpa;
-    uint64_t size;
-    uint8_t *host;
-};
-
-struct vsd_lun {
-    int fd;
-    uint32_t flags;
-    uint32_t block_size;
-    uint32_t block_shift;
-    uint64_t num_blocks;
-    uint64_t max_transfer_bytes;
-    uint64_t delay_ns;
-    uint8_t *state;                 /* shared per-LUN state byte (WCE), may be NULL */
-};
-
-struct vsd_io;
-
-struct vsd_queue {
-    /* ring */
-    uint8_t *desc;
-    uint8_t *avail;
-    uint8_t *used;
-    uint32_t size;
-    uint32_t mask;
-    uint16_t last_avail;
-    uint16_t used_idx;
-    uint16_t signalled_used;
-    int signalled_valid;
-    int event_idx;
-    int call_fd;
-    /* guest memory */
-    struct vsd_region regions[VSD_MAX_REGIONS];
-    int nregions;
-    /* LUNs (by single-level LUN number) */
-    struct vsd_lun luns[VSD_MAX_LUNS];
-    int nluns;
-    uint32_t cdb_size;
-    uint32_t sense_size;
-    /* inflight region of this queue (16-byte header + 16 bytes per descriptor), or NULL */
-    uint8_t *inflight;
-    uint64_t counter;
-    /* heads pushed since the last publish */
-    uint16_t *completed;
-    uint32_t ncompleted;
-    /* state for the Python side */
-    int more;
-    int broken;
-    /* asynchronous I/O */
-    struct vsd_uring *uring;
-    uint32_t in_flight;
-    /* statistics */
-    uint64_t st_fast, st_slow, st_bytes_in, st_bytes_out, st_calls, st_batches, st_async;
-    uint64_t st_max_in_flight;
-    /* adaptive busy polling (vsd_serve) */
-    uint64_t poll_ns, poll_max_ns;
-    uint64_t st_poll_hits, st_kicks;
-};
+#include "_engine.h"
 
 /* ------------------------------------------------------------------ barriers */
 
 static inline void mb(void)  { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 static inline void rmb(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
 static inline void wmb(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+
+/* The same fences and atomic 16-bit accesses for the Python ring code. */
+void vq_mb(void)  { mb(); }
+void vq_rmb(void) { rmb(); }
+void vq_wmb(void) { wmb(); }
+uint16_t vq_load_u16(const uint8_t *base, size_t off)
+{
+    return __atomic_load_n((const uint16_t *)(base + off), __ATOMIC_ACQUIRE);
+}
+void vq_store_u16(uint8_t *base, size_t off, uint16_t value)
+{
+    __atomic_store_n((uint16_t *)(base + off), value, __ATOMIC_RELEASE);
+}
+
+/* Test builds (the fuzzer, the C self-tests) define VSD_HOOK to let an adversary
+ * rewrite guest memory at the points where the engine has just read it. */
+#ifndef VSD_HOOK
+#define VSD_HOOK(q, what, ptr) ((void)0)
+#endif
 
 static inline uint16_t ld16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 static inline uint32_t ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
@@ -138,48 +82,63 @@ static inline uint64_t be64(const uint8_t *p)
 
 /* ------------------------------------------------------------------ memory */
 
+/* The region holding gpa, or NULL. Up to VSD_MAX_REGIONS regions (memory
+ * hotplug, virtio-mem): the region of the previous hit is tried first, which
+ * is where nearly every buffer of a guest's request lies. */
+static inline struct vsd_region *find_region(struct vsd_queue *q, uint64_t gpa)
+{
+    int i, n = q->nregions;
+    struct vsd_region *r;
+    if (q->last_region >= 0 && q->last_region < n) {
+        r = &q->regions[q->last_region];
+        if (gpa >= r->gpa && gpa - r->gpa < r->size)
+            return r;
+    }
+    for (i = 0; i < n; i++) {
+        r = &q->regions[i];
+        if (gpa >= r->gpa && gpa - r->gpa < r->size) {
+            q->last_region = i;
+            return r;
+        }
+    }
+    return NULL;
+}
+
 /* Translate [gpa, gpa+len) into iovecs (split at region ends). -1 if not all inside. */
 static int translate(struct vsd_queue *q, uint64_t gpa, uint32_t len,
                      struct iovec *iov, int *niov, int max)
 {
     while (len) {
-        int i, found = 0;
+        struct vsd_region *r;
+        uint64_t off, n;
         if (gpa + len < gpa)
             return -1;
-        for (i = 0; i < q->nregions; i++) {
-            struct vsd_region *r = &q->regions[i];
-            if (gpa >= r->gpa && gpa - r->gpa < r->size) {
-                uint64_t off = gpa - r->gpa;
-                uint64_t n = r->size - off;
-                if (n > len)
-                    n = len;
-                if (*niov >= max)
-                    return -2;
-                iov[*niov].iov_base = r->host + off;
-                iov[*niov].iov_len = n;
-                (*niov)++;
-                gpa += n;
-                len -= (uint32_t)n;
-                found = 1;
-                break;
-            }
-        }
-        if (!found)
+        r = find_region(q, gpa);
+        if (!r)
             return -1;
+        off = gpa - r->gpa;
+        n = r->size - off;
+        if (n > len)
+            n = len;
+        if (*niov >= max)
+            return -2;
+        iov[*niov].iov_base = r->host + off;
+        iov[*niov].iov_len = n;
+        (*niov)++;
+        gpa += n;
+        len -= (uint32_t)n;
     }
     return 0;
 }
 
 static uint8_t *translate_one(struct vsd_queue *q, uint64_t gpa, uint64_t len)
 {
-    int i;
+    struct vsd_region *r;
     if (gpa + len < gpa)
         return NULL;
-    for (i = 0; i < q->nregions; i++) {
-        struct vsd_region *r = &q->regions[i];
-        if (gpa >= r->gpa && gpa - r->gpa < r->size && len <= r->size - (gpa - r->gpa))
-            return r->host + (gpa - r->gpa);
-    }
+    r = find_region(q, gpa);
+    if (r && len <= r->size - (gpa - r->gpa))
+        return r->host + (gpa - r->gpa);
     return NULL;
 }
 
@@ -206,8 +165,9 @@ static int walk(struct vsd_queue *q, uint16_t head, struct chain *c)
         uint32_t len = ld32(d + 8);
         uint16_t flags = ld16(d + 12);
         uint16_t next = ld16(d + 14);
-        if (flags & DESC_F_INDIRECT) {
-            if (indirect || count || (flags & DESC_F_NEXT) || len == 0 || (len & 15)
+        VSD_HOOK(q, "desc", (uint8_t *)d);      /* each descriptor is read once, above */
+        if (flags & VIRTQ_DESC_F_INDIRECT) {
+            if (indirect || count || (flags & VIRTQ_DESC_F_NEXT) || len == 0 || (len & 15)
                 || len / 16 > 32768)
                 return -1;
             table = translate_one(q, addr, len);
@@ -222,7 +182,7 @@ static int walk(struct vsd_queue *q, uint16_t head, struct chain *c)
             return -1;
         if (len) {
             int r;
-            if (flags & DESC_F_WRITE) {
+            if (flags & VIRTQ_DESC_F_WRITE) {
                 r = translate(q, addr, len, c->in, &c->nin, VSD_MAX_IOV);
                 c->in_len += len;
             } else {
@@ -234,7 +194,7 @@ static int walk(struct vsd_queue *q, uint16_t head, struct chain *c)
             if (r)
                 return r;
         }
-        if (!(flags & DESC_F_NEXT))
+        if (!(flags & VIRTQ_DESC_F_NEXT))
             break;
         if (next >= limit)
             return -1;
@@ -274,23 +234,49 @@ static int skip_iov(struct iovec *iov, int niov, size_t skip)
 
 /* ------------------------------------------------------------------ inflight + used ring */
 
+static inline uint8_t *inflight_entry(struct vsd_queue *q, uint16_t head)
+{
+    return q->inflight + VSD_INFLIGHT_HEADER + VSD_INFLIGHT_DESC * (size_t)head;
+}
+
+/* A head popped from the available ring: mark it in flight (a new request:
+ * never resubmitted). */
 static inline void inflight_get(struct vsd_queue *q, uint16_t head)
 {
     if (q->inflight) {
-        uint8_t *e = q->inflight + 16 + 16 * (size_t)head;
+        uint8_t *e = inflight_entry(q, head);
         uint64_t ctr = ++q->counter;
-        memcpy(e + 8, &ctr, 8);
-        e[0] = 1;
+        memcpy(e + VSD_INFLIGHT_E_COUNTER, &ctr, 8);
+        e[VSD_INFLIGHT_E_RESUBMITS] = 0;
+        e[VSD_INFLIGHT_E_INFLIGHT] = 1;
     }
 }
 
-void vsd_push(struct vsd_queue *q, uint16_t head, uint32_t written)
+/* Take a head that the driver did not just offer (a request recovered from the
+ * inflight region after a crash): it must not be held already. 0 or -1. */
+int vsd_claim(struct vsd_queue *q, uint16_t head)
 {
-    uint8_t *e = q->used + 4 + 8 * (size_t)(q->used_idx & q->mask);
+    if (head >= q->size || q->hstate[head] != VSD_HEAD_FREE)
+        return -1;
+    q->hstate[head] = VSD_HEAD_BUSY;
+    return 0;
+}
+
+/* Stage a used element for a head being served. Returns -1 (and writes
+ * nothing) for a head that is not BUSY: nothing can be completed twice, and
+ * the staged entries never exceed the queue size. */
+int vsd_push(struct vsd_queue *q, uint16_t head, uint32_t written)
+{
+    uint8_t *e;
+    if (head >= q->size || q->hstate[head] != VSD_HEAD_BUSY || q->ncompleted >= q->size)
+        return -1;
+    e = q->used + 4 + 8 * (size_t)(q->used_idx & q->mask);
     st32(e, head);
     st32(e + 4, written);
     q->used_idx++;
+    q->hstate[head] = VSD_HEAD_DONE;
     q->completed[q->ncompleted++] = head;
+    return 0;
 }
 
 /* Publish pushed entries; clear them in the inflight region; signal if wanted.
@@ -304,11 +290,13 @@ int vsd_flush(struct vsd_queue *q)
         return 0;
     st16_rel(q->used + 2, q->used_idx);
     if (q->inflight) {
-        st16(q->inflight + 12, q->completed[q->ncompleted - 1]);    /* last_batch_head */
+        st16(q->inflight + VSD_INFLIGHT_OFF_LAST_BATCH, q->completed[q->ncompleted - 1]);
         for (k = 0; k < q->ncompleted; k++)
-            q->inflight[16 + 16 * (size_t)q->completed[k]] = 0;
-        st16(q->inflight + 14, q->used_idx);
+            inflight_entry(q, q->completed[k])[VSD_INFLIGHT_E_INFLIGHT] = 0;
+        st16(q->inflight + VSD_INFLIGHT_OFF_USED_IDX, q->used_idx);
     }
+    for (k = 0; k < q->ncompleted; k++)
+        q->hstate[q->completed[k]] = VSD_HEAD_FREE;     /* the driver owns them again */
     q->ncompleted = 0;
     q->st_batches++;
     mb();
@@ -323,7 +311,7 @@ int vsd_flush(struct vsd_queue *q)
             notify = (uint16_t)(new_idx - ev - 1) < (uint16_t)(new_idx - old);
         }
     } else {
-        notify = !(ld16(q->avail) & AVAIL_F_NO_INTERRUPT);
+        notify = !(ld16(q->avail) & VIRTQ_AVAIL_F_NO_INTERRUPT);
     }
     if (notify && q->call_fd >= 0) {
         uint64_t one = 1;
@@ -337,7 +325,7 @@ int vsd_flush(struct vsd_queue *q)
 static void disable_kicks(struct vsd_queue *q)
 {
     if (!q->event_idx)
-        st16(q->used, USED_F_NO_NOTIFY);
+        st16(q->used, VIRTQ_USED_F_NO_NOTIFY);
 }
 
 /* Returns 1 if more work arrived meanwhile. */
@@ -355,7 +343,7 @@ static int enable_kicks(struct vsd_queue *q)
 
 struct vsd_io {
     uint16_t head;
-    uint16_t pad;
+    uint16_t active;       /* submitted and not reaped yet */
     uint32_t written;      /* bytes to report in the used entry on success */
     uint64_t expect;       /* bytes the I/O must transfer */
     uint8_t *resp;         /* response header (12 bytes) */
@@ -376,7 +364,11 @@ struct vsd_uring {
     unsigned *sq_head, *sq_tail, *sq_mask, *sq_array;
     unsigned *cq_head, *cq_tail, *cq_mask;
     struct io_uring_cqe *cqes;
-    unsigned to_submit;
+    /* Our submission tail: SQEs up to here are prepared. submit() publishes it;
+     * the kernel consumes from *sq_head, and whatever one io_uring_enter did not
+     * consume stays published and is passed again by the next submit(). */
+    unsigned tail;
+    unsigned nheads;
     struct vsd_io *ios;          /* one per descriptor head */
     int event_fd;
 };
@@ -408,26 +400,32 @@ void vsd_uring_free(struct vsd_uring *u)
         munmap(u->sq_ring, u->sq_ring_sz);
     if (u->fd >= 0)
         close(u->fd);
-    u->fd = -1;
-    u->sqes = NULL;
-    u->sq_ring = u->cq_ring = NULL;
+    free(u->ios);
+    free(u);
 }
 
-/* Set up a ring of `entries` (>= queue size). Returns 0, or -errno (io_uring
- * unavailable: the caller keeps the synchronous path). */
-int vsd_uring_init(struct vsd_uring *u, unsigned entries, int event_fd, struct vsd_io *ios)
+/* A ring of `entries` SQEs (>= 2 per head: a latency timer and the I/O) with
+ * bookkeeping for `nheads` descriptor heads. NULL and *err = -errno when
+ * io_uring is unavailable (the caller keeps the synchronous path). */
+struct vsd_uring *vsd_uring_new(unsigned entries, int event_fd, unsigned nheads, int *err)
 {
     struct io_uring_params p;
-    memset(&p, 0, sizeof p);
-    memset(u, 0, sizeof *u);
+    struct vsd_uring *u = calloc(1, sizeof *u);
+    int e = -ENOMEM;
+    if (!u)
+        goto fail;
     u->fd = -1;
-    u->ios = ios;
     u->event_fd = -1;
+    u->nheads = nheads;
+    u->ios = calloc(nheads, sizeof *u->ios);
+    if (!u->ios)
+        goto fail;
+    memset(&p, 0, sizeof p);
     p.flags = IORING_SETUP_CQSIZE;
     p.cq_entries = entries * 2;
     u->fd = sys_setup(entries, &p);
     if (u->fd < 0)
-        return -errno;
+        goto fail_errno;
     u->sq_entries = p.sq_entries;
     u->cq_entries = p.cq_entries;
     u->sq_ring_sz = p.sq_off.array + p.sq_entries * sizeof(unsigned);
@@ -440,10 +438,8 @@ int vsd_uring_init(struct vsd_uring *u, unsigned entries, int event_fd, struct v
     u->sq_ring = mmap(NULL, u->sq_ring_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
                       u->fd, IORING_OFF_SQ_RING);
     if (u->sq_ring == MAP_FAILED) {
-        int e = -errno;
         u->sq_ring = NULL;
-        vsd_uring_free(u);
-        return e;
+        goto fail_errno;
     }
     if (p.features & IORING_FEAT_SINGLE_MMAP) {
         u->cq_ring = u->sq_ring;
@@ -451,20 +447,16 @@ int vsd_uring_init(struct vsd_uring *u, unsigned entries, int event_fd, struct v
         u->cq_ring = mmap(NULL, u->cq_ring_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
                           u->fd, IORING_OFF_CQ_RING);
         if (u->cq_ring == MAP_FAILED) {
-            int e = -errno;
             u->cq_ring = NULL;
-            vsd_uring_free(u);
-            return e;
+            goto fail_errno;
         }
     }
     u->sqes_sz = p.sq_entries * sizeof(struct io_uring_sqe);
     u->sqes = mmap(NULL, u->sqes_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
                    u->fd, IORING_OFF_SQES);
     if (u->sqes == MAP_FAILED) {
-        int e = -errno;
         u->sqes = NULL;
-        vsd_uring_free(u);
-        return e;
+        goto fail_errno;
     }
     u->sq_head = (unsigned *)(u->sq_ring + p.sq_off.head);
     u->sq_tail = (unsigned *)(u->sq_ring + p.sq_off.tail);
@@ -474,41 +466,52 @@ int vsd_uring_init(struct vsd_uring *u, unsigned entries, int event_fd, struct v
     u->cq_tail = (unsigned *)(u->cq_ring + p.cq_off.tail);
     u->cq_mask = (unsigned *)(u->cq_ring + p.cq_off.ring_mask);
     u->cqes = (struct io_uring_cqe *)(u->cq_ring + p.cq_off.cqes);
+    u->tail = *u->sq_tail;
     if (event_fd >= 0) {
-        if (sys_register(u->fd, IORING_REGISTER_EVENTFD, &event_fd, 1) < 0) {
-            int e = -errno;
-            vsd_uring_free(u);
-            return e;
-        }
+        if (sys_register(u->fd, IORING_REGISTER_EVENTFD, &event_fd, 1) < 0)
+            goto fail_errno;
         u->event_fd = event_fd;
     }
-    return 0;
+    return u;
+fail_errno:
+    e = -errno;
+fail:
+    vsd_uring_free(u);
+    if (err)
+        *err = e;
+    return NULL;
+}
+
+/* Free submission slots (prepared but unconsumed SQEs count as used). */
+static inline unsigned sq_space(struct vsd_uring *u)
+{
+    return u->sq_entries - (u->tail - __atomic_load_n(u->sq_head, __ATOMIC_ACQUIRE));
 }
 
 static struct io_uring_sqe *get_sqe(struct vsd_uring *u)
 {
-    unsigned head = __atomic_load_n(u->sq_head, __ATOMIC_ACQUIRE);
-    unsigned tail = *u->sq_tail + u->to_submit;
     struct io_uring_sqe *sqe;
-    if (tail - head >= u->sq_entries)
+    unsigned idx;
+    if (!sq_space(u))
         return NULL;
-    sqe = &u->sqes[tail & *u->sq_mask];
+    idx = u->tail & *u->sq_mask;
+    sqe = &u->sqes[idx];
     memset(sqe, 0, sizeof *sqe);
-    u->sq_array[tail & *u->sq_mask] = tail & *u->sq_mask;
-    u->to_submit++;
+    u->sq_array[idx] = idx;
+    u->tail++;
     return sqe;
 }
 
+/* Publish the prepared SQEs and have the kernel consume every unconsumed one.
+ * Returns what io_uring_enter returned (0 when nothing was pending). */
 static int submit(struct vsd_uring *u)
 {
-    int r;
-    if (!u->to_submit)
+    unsigned pending;
+    __atomic_store_n(u->sq_tail, u->tail, __ATOMIC_RELEASE);
+    pending = u->tail - __atomic_load_n(u->sq_head, __ATOMIC_ACQUIRE);
+    if (!pending)
         return 0;
-    __atomic_store_n(u->sq_tail, *u->sq_tail + u->to_submit, __ATOMIC_RELEASE);
-    r = sys_enter(u->fd, u->to_submit, 0, 0);
-    if (r >= 0)
-        u->to_submit -= (unsigned)r < u->to_submit ? (unsigned)r : u->to_submit;
-    return r;
+    return sys_enter(u->fd, pending, 0, 0);
 }
 
 /* ------------------------------------------------------------------ the fast path */
@@ -560,12 +563,9 @@ static int fast_one(struct vsd_queue *q, uint16_t head)
         return 0;
     if (c.out_len < hdr_len || c.in_len < resp_len || c.in[0].iov_len < 12)
         return 0;
-    if (c.out[0].iov_len >= hdr_len) {
-        h = c.out[0].iov_base;
-    } else {
-        gather(c.out, c.nout, hdr, hdr_len);
-        h = hdr;
-    }
+    /* A private copy: the guest may rewrite the header while we decode it. */
+    gather(c.out, c.nout, hdr, hdr_len);
+    h = hdr;
     /* LUN: 1, target 0, flat-space single-level LUN, four zero bytes */
     if (h[0] != 1 || h[1] != 0 || (h[2] >> 6) != 1 || h[4] | h[5] | h[6] | h[7])
         return 0;
@@ -658,8 +658,9 @@ async: {
         struct vsd_io *io = &u->ios[head];
         struct io_uring_sqe *sqe, *tsqe = NULL;
         int n = is_write ? c.nout : c.nin;
-        /* Two SQEs: a timeout for the injected latency, hard-linked to the I/O. */
-        if (u->to_submit + 2 > u->sq_entries)
+        /* Two SQEs: a timeout for the injected latency, hard-linked to the I/O.
+         * The head is BUSY, so its slot in ios[] is not in use. */
+        if (io->active || sq_space(u) < 2)
             return 0;
         io->head = head;
         io->write = is_write;
@@ -701,6 +702,7 @@ async: {
             for (k = 0; k < n; k++)
                 memset(io->iov[k].iov_base, 0, io->iov[k].iov_len);
         }
+        io->active = 1;
         q->in_flight++;
         if (q->in_flight > q->st_max_in_flight)
             q->st_max_in_flight = q->in_flight;
@@ -731,11 +733,15 @@ static int reap(struct vsd_queue *q, uint16_t *slow, int *nslow, int max_slow)
             head--;                     /* no room to hand a failure back: next pass */
             break;
         }
-        if (q->in_flight)
-            q->in_flight--;
         {
             uint16_t h = (uint16_t)(ud >> 1);
-            struct vsd_io *io = &u->ios[h];
+            struct vsd_io *io;
+            if (h >= u->nheads || !u->ios[h].active)
+                continue;               /* not ours (cannot happen): never complete twice */
+            io = &u->ios[h];
+            io->active = 0;
+            if (q->in_flight)
+                q->in_flight--;
             /* A NOP (null LUN) reports 0; an I/O must move every byte. Short or
              * failed transfers are redone by the reference path, which loops on
              * short I/O and turns errors into the right sense data. */
@@ -747,8 +753,8 @@ static int reap(struct vsd_queue *q, uint16_t *slow, int *nslow, int max_slow)
                 else
                     q->st_bytes_in += io->expect;
                 q->st_fast++;
-                vsd_push(q, h, io->written);
-                done++;
+                if (vsd_push(q, h, io->written) == 0)
+                    done++;
             } else {
                 slow[(*nslow)++] = h;
             }
@@ -762,37 +768,53 @@ static int reap(struct vsd_queue *q, uint16_t *slow, int *nslow, int max_slow)
  * One pass over the queue: reap finished asynchronous I/O, pop new requests
  * (up to `budget`), serve the fast ones and return the rest in `slow` for the
  * reference path. Returns the number of slow heads, or -1 when the ring is
- * broken (q->broken says why: 1 = avail index jump, 2 = head out of range).
+ * broken (q->broken says why: VSD_BROKEN_*, with the head in q->broken_head).
  * q->more is set when the pass stopped early and should be repeated soon.
  */
 int vsd_run(struct vsd_queue *q, uint16_t *slow, int max_slow, int budget)
 {
     int nslow = 0, done = 0;
     q->more = 0;
-    if (q->broken)
-        return -1;
+    if (q->broken) {
+        /* Nothing more is popped, but what is in flight still completes. */
+        reap(q, slow, &nslow, max_slow);
+        return nslow ? nslow : -1;
+    }
     reap(q, slow, &nslow, max_slow);
     for (;;) {
         uint16_t avail_idx, n;
         disable_kicks(q);
         avail_idx = ld16_acq(q->avail + 2);
+        VSD_HOOK(q, "avail_idx", q->avail + 2);
         n = (uint16_t)(avail_idx - q->last_avail);
         if (n > q->size) {
-            q->broken = 1;
+            q->broken = VSD_BROKEN_AVAIL_JUMP;
             break;
         }
         rmb();
         while (n) {
             uint16_t head;
+            uint8_t *slot;
             if (nslow >= max_slow || done >= budget) {
                 q->more = 1;
                 goto out;
             }
-            head = ld16(q->avail + 4 + 2 * (size_t)(q->last_avail & q->mask));
+            slot = q->avail + 4 + 2 * (size_t)(q->last_avail & q->mask);
+            head = ld16(slot);
+            VSD_HOOK(q, "avail_entry", slot);
             if (head >= q->size) {
-                q->broken = 2;
+                q->broken = VSD_BROKEN_HEAD_RANGE;
+                q->broken_head = head;
                 goto out;
             }
+            if (q->hstate[head] != VSD_HEAD_FREE) {
+                /* Offered again while we still hold it (e.g. a buffer the device
+                 * writes overlays the available ring): never serve it twice. */
+                q->broken = VSD_BROKEN_HEAD_BUSY;
+                q->broken_head = head;
+                goto out;
+            }
+            q->hstate[head] = VSD_HEAD_BUSY;
             q->last_avail++;
             n--;
             done++;
@@ -819,12 +841,14 @@ out:
     return nslow;
 }
 
-/* Resubmitted heads (recovered from the inflight region): serve or punt them. */
+/* Resubmitted heads (recovered from the inflight region): serve or punt them.
+ * A head that is out of range or already held is skipped (the region is
+ * untrusted memory). */
 int vsd_resubmit(struct vsd_queue *q, const uint16_t *heads, int n, uint16_t *slow)
 {
     int k, nslow = 0;
     for (k = 0; k < n; k++) {
-        if (heads[k] >= q->size)
+        if (vsd_claim(q, heads[k]))
             continue;
         if (!fast_one(q, heads[k]))
             slow[nslow++] = heads[k];
@@ -835,20 +859,25 @@ int vsd_resubmit(struct vsd_queue *q, const uint16_t *heads, int n, uint16_t *sl
 }
 
 /* Wait for every asynchronous I/O to finish (before a stop or a memory change).
- * Returns the number of slow heads handed back (failed I/O to redo in Python). */
+ * Returns the number of slow heads handed back (failed I/O to redo in Python),
+ * or -errno if io_uring itself failed with I/O still outstanding. */
 int vsd_drain(struct vsd_queue *q, uint16_t *slow, int max_slow)
 {
     int nslow = 0;
-    if (!q->uring)
+    struct vsd_uring *u = q->uring;
+    if (!u)
         return 0;
-    submit(q->uring);
     while (q->in_flight > 0 && nslow < max_slow) {
-        int before = nslow;
-        unsigned h = *q->uring->cq_head, t = __atomic_load_n(q->uring->cq_tail, __ATOMIC_ACQUIRE);
-        if (h == t)
-            sys_enter(q->uring->fd, 0, 1, IORING_ENTER_GETEVENTS);
+        int r = submit(u);
+        unsigned h = *u->cq_head, t = __atomic_load_n(u->cq_tail, __ATOMIC_ACQUIRE);
+        if (r < 0 && errno != EINTR && errno != EAGAIN && errno != EBUSY)
+            return -errno;
+        if (h == t) {
+            r = sys_enter(u->fd, 0, 1, IORING_ENTER_GETEVENTS);
+            if (r < 0 && errno != EINTR && errno != EAGAIN && errno != EBUSY)
+                return -errno;
+        }
         reap(q, slow, &nslow, max_slow);
-        (void)before;
     }
     return nslow;
 }

@@ -33,11 +33,15 @@ class CQueue:
         q.signalled_valid = 0
         q.event_idx = 1 if queue.event_idx else 0
         q.call_fd = call_fd
+        if len(mem.regions) > lib.VSD_MAX_REGIONS:
+            raise ValueError(f"{len(mem.regions)} memory regions; the engine holds "
+                             f"{lib.VSD_MAX_REGIONS}")
         for i, r in enumerate(mem.regions):
             q.regions[i].gpa = r.gpa
             q.regions[i].size = r.size
             q.regions[i].host = self._pin(r.view)
         q.nregions = len(mem.regions)
+        q.last_region = 0
         q.nluns = 0
         for number, disk in luns.items():
             if number >= lib.VSD_MAX_LUNS:
@@ -65,6 +69,8 @@ class CQueue:
         q.poll_ns = 0
         self._completed = ffi.new("uint16_t[]", size)
         q.completed = self._completed
+        self._hstate = ffi.new("uint8_t[]", size)      # every head FREE
+        q.hstate = self._hstate
         self._slow = ffi.new("uint16_t[]", size)
         self.max_slow = size
         self.uring = None
@@ -79,14 +85,12 @@ class CQueue:
 
     def _setup_uring(self, size: int) -> None:
         efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        u = ffi.new("struct vsd_uring *")
-        ios = ffi.new("struct vsd_io[]", size)
-        r = lib.vsd_uring_init(u, 2 * size, efd, ios)
-        if r != 0:
+        err = ffi.new("int *")
+        u = lib.vsd_uring_new(2 * size, efd, size, err)
+        if u == ffi.NULL:
             os.close(efd)
-            self.uring_error = os.strerror(-r)
+            self.uring_error = os.strerror(-err[0])
             return
-        self._uring_ios = ios
         self.uring = u
         self.uring_fd = efd
         self.q.uring = u
@@ -108,11 +112,16 @@ class CQueue:
 
     @property
     def broken_reason(self) -> str | None:
-        b = self.q.broken
-        if b == 1:
-            return f"available index jumped by more than the queue size {self.q.size}"
-        if b == 2:
-            return f"available ring names a descriptor >= the queue size {self.q.size}"
+        q = self.q
+        b = q.broken
+        if b == lib.VSD_BROKEN_AVAIL_JUMP:
+            return f"available index jumped by more than the queue size {q.size}"
+        if b == lib.VSD_BROKEN_HEAD_RANGE:
+            return (f"available ring names descriptor {q.broken_head}, >= the queue size "
+                    f"{q.size}")
+        if b == lib.VSD_BROKEN_HEAD_BUSY:
+            return (f"available ring names descriptor {q.broken_head}, which is still in "
+                    "flight (offered twice)")
         return None
 
     @property
@@ -124,14 +133,21 @@ class CQueue:
         n = lib.vsd_resubmit(self.q, arr, len(heads), self._slow)
         return list(self._slow[0:n])
 
-    def push(self, head: int, written: int) -> None:
-        lib.vsd_push(self.q, head, written)
+    def claim(self, head: int) -> bool:
+        """Hold a head recovered from the inflight region (False: invalid or held)."""
+        return lib.vsd_claim(self.q, head) == 0
+
+    def push(self, head: int, written: int) -> bool:
+        """Complete a head the reference path served (False: it was not being served)."""
+        return lib.vsd_push(self.q, head, written) == 0
 
     def flush(self) -> bool:
         return bool(lib.vsd_flush(self.q))
 
     def drain(self) -> list[int]:
         n = lib.vsd_drain(self.q, self._slow, self.max_slow)
+        if n < 0:
+            raise OSError(-n, f"io_uring failed while draining: {os.strerror(-n)}")
         return list(self._slow[0:n])
 
     def ack_uring_event(self) -> None:

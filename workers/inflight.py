@@ -16,7 +16,10 @@ that covers it is published. Recovery after a crash:
    used index in guest memory were completed (published) but not yet cleared:
    clear them — reading the used ring tells exactly which ones (this
    generalises the spec's single ``last_batch_head`` to batches);
-2. every head still marked is in flight: it is resubmitted, in counter order;
+2. every head still marked is in flight: it is resubmitted, in counter order —
+   unless it was resubmitted once already (its worker died again while serving
+   it): the caller then fails it instead (the poison-request quarantine). The
+   count lives in the entry's first padding byte;
 3. the next available index is ``used_idx + number in flight``, because heads
    are marked in the order they are popped.
 """
@@ -24,19 +27,24 @@ from __future__ import annotations
 
 import struct
 
+from ._fast import lib as _lib
+
 HEADER = struct.Struct("<QHHHH")          # features, version, desc_num, last_batch_head, used_idx
-DESC = struct.Struct("<B5xHQ")            # inflight, padding, next, counter
-HEADER_SIZE = 16
-DESC_SIZE = 16
+DESC = struct.Struct("<BB4xHQ")           # inflight, resubmits (padding[0]), padding, next, counter
+HEADER_SIZE = _lib.VSD_INFLIGHT_HEADER
+DESC_SIZE = _lib.VSD_INFLIGHT_DESC
 VERSION = 1
 ALIGN = 64
 _USED_ELEM = struct.Struct("<II")
 _U16 = struct.Struct("<H")
 
-_OFF_VERSION = 8
-_OFF_DESC_NUM = 10
-_OFF_LAST_BATCH = 12
-_OFF_USED_IDX = 14
+_OFF_VERSION = _lib.VSD_INFLIGHT_OFF_VERSION
+_OFF_DESC_NUM = _lib.VSD_INFLIGHT_OFF_DESC_NUM
+_OFF_LAST_BATCH = _lib.VSD_INFLIGHT_OFF_LAST_BATCH
+_OFF_USED_IDX = _lib.VSD_INFLIGHT_OFF_USED_IDX
+_E_RESUBMITS = _lib.VSD_INFLIGHT_E_RESUBMITS
+assert (HEADER.size, DESC.size) == (HEADER_SIZE, DESC_SIZE)
+assert DESC.size - 8 == _lib.VSD_INFLIGHT_E_COUNTER
 
 
 def queue_region_size(queue_size: int) -> int:
@@ -67,8 +75,17 @@ class InflightQueue:
         return _U16.unpack_from(self.buf, _OFF_USED_IDX)[0]
 
     def entry(self, head: int) -> tuple[int, int]:
-        inflight, _next, counter = DESC.unpack_from(self.buf, HEADER_SIZE + DESC_SIZE * head)
+        inflight, _resubmits, _next, counter = DESC.unpack_from(self.buf,
+                                                                HEADER_SIZE + DESC_SIZE * head)
         return inflight, counter
+
+    def resubmits(self, head: int) -> int:
+        """How often the request at ``head`` was resubmitted after a worker died."""
+        return self.buf[HEADER_SIZE + DESC_SIZE * head + _E_RESUBMITS]
+
+    def note_resubmitted(self, head: int) -> None:
+        off = HEADER_SIZE + DESC_SIZE * head + _E_RESUBMITS
+        self.buf[off] = min(255, self.buf[off] + 1)
 
     def reset(self, used_idx: int = 0) -> None:
         """Start afresh: nothing in flight."""
@@ -110,7 +127,7 @@ class InflightQueue:
 
     # ------------------------------------------------------------------ data path
     def _set(self, head: int, inflight: int, counter: int) -> None:
-        DESC.pack_into(self.buf, HEADER_SIZE + DESC_SIZE * head, inflight, 0, counter)
+        DESC.pack_into(self.buf, HEADER_SIZE + DESC_SIZE * head, inflight, 0, 0, counter)
 
     def get(self, head: int) -> None:
         """A head was popped from the available ring."""

@@ -35,12 +35,18 @@ DESC = struct.Struct("<QIHH")
 U16 = struct.Struct("<H")
 USED_ELEM = struct.Struct("<II")
 
-VIRTQ_DESC_F_NEXT = 1
-VIRTQ_DESC_F_WRITE = 2
-VIRTQ_DESC_F_INDIRECT = 4
+VIRTQ_DESC_F_NEXT = _lib.VIRTQ_DESC_F_NEXT
+VIRTQ_DESC_F_WRITE = _lib.VIRTQ_DESC_F_WRITE
+VIRTQ_DESC_F_INDIRECT = _lib.VIRTQ_DESC_F_INDIRECT
 
-VIRTQ_AVAIL_F_NO_INTERRUPT = 1
-VIRTQ_USED_F_NO_NOTIFY = 1
+VIRTQ_AVAIL_F_NO_INTERRUPT = _lib.VIRTQ_AVAIL_F_NO_INTERRUPT
+VIRTQ_USED_F_NO_NOTIFY = _lib.VIRTQ_USED_F_NO_NOTIFY
+
+# Head states (see _engine.h): popped and being served, pushed and awaiting
+# publication, or the driver's.
+HEAD_FREE = _lib.VSD_HEAD_FREE
+HEAD_BUSY = _lib.VSD_HEAD_BUSY
+HEAD_DONE = _lib.VSD_HEAD_DONE
 
 MAX_QUEUE_SIZE = 32768
 
@@ -50,7 +56,12 @@ _wmb = _lib.vq_wmb
 
 
 class RingError(Exception):
-    """The ring as a whole is unusable: stop the queue (DEVICE_NEEDS_RESET)."""
+    """The ring as a whole is unusable: stop the queue (DEVICE_NEEDS_RESET).
+    ``heads``: valid heads popped before the bad entry (to be served)."""
+
+    def __init__(self, reason: str, heads: list[int] | None = None):
+        super().__init__(reason)
+        self.heads = heads or []
 
 
 class ChainError(Exception):
@@ -90,7 +101,7 @@ class SplitQueue:
 
     __slots__ = ("mem", "size", "mask", "desc", "avail", "used", "event_idx",
                  "last_avail", "used_idx", "signalled_used", "signalled_valid",
-                 "_used_event_off", "_avail_event_off")
+                 "_used_event_off", "_avail_event_off", "hstate", "pushed")
 
     def __init__(self, mem: GuestMemory, size: int, desc_gpa: int, avail_gpa: int,
                  used_gpa: int, *, event_idx: bool, last_avail: int):
@@ -117,6 +128,11 @@ class SplitQueue:
         self.signalled_valid = False
         self._used_event_off = 4 + 2 * size
         self._avail_event_off = 4 + 8 * size
+        # Which heads the device holds (HEAD_*): a head is popped only when FREE,
+        # pushed only when BUSY; the heads pushed since the last publish are at
+        # most ``size`` distinct ones.
+        self.hstate = bytearray(size)
+        self.pushed: list[int] = []
 
     def release(self) -> None:
         """Drop the views of guest memory (before the memory table is unmapped)."""
@@ -137,7 +153,11 @@ class SplitQueue:
         return n
 
     def pop_heads(self, limit: int | None = None) -> list[int]:
-        """Consume available entries and return their head indices (validated < size)."""
+        """Consume available entries and return their head indices (validated < size,
+        and not held by the device already).
+
+        On a broken ring the heads validated before the bad entry are consumed and
+        stay BUSY; RingError carries them (``heads``) so they can still be served."""
         n = self.pending()
         if not n:
             return []
@@ -148,17 +168,31 @@ class SplitQueue:
         size = self.size
         mask = self.mask
         start = self.last_avail
+        hstate = self.hstate
         heads = []
         for i in range(n):
             head = U16.unpack_from(avail, 4 + 2 * ((start + i) & mask))[0]
-            if head >= size:
+            if head >= size or hstate[head] != HEAD_FREE:
                 # Consume what we validated so far, then report the broken ring.
                 self.last_avail = (start + i) & 0xFFFF
-                raise RingError(f"available ring entry {(start + i) & 0xFFFF} "
-                                f"names descriptor {head}, queue size is {size}")
+                if head >= size:
+                    why = f"names descriptor {head}, queue size is {size}"
+                else:
+                    why = f"names descriptor {head}, which is still in flight (offered twice)"
+                raise RingError(f"available ring entry {(start + i) & 0xFFFF} {why}",
+                                heads=heads)
+            hstate[head] = HEAD_BUSY
             heads.append(head)
         self.last_avail = (start + n) & 0xFFFF
         return heads
+
+    def claim(self, head: int) -> bool:
+        """Hold a head that was not just popped (recovered from the inflight region
+        after a crash). False if it is out of range or held already."""
+        if not 0 <= head < self.size or self.hstate[head] != HEAD_FREE:
+            return False
+        self.hstate[head] = HEAD_BUSY
+        return True
 
     def walk(self, head: int) -> Chain:
         """Map a chain's buffers to memoryviews, validating every descriptor."""
@@ -218,14 +252,27 @@ class SplitQueue:
         return Chain(head, out, in_, out_len, in_len)
 
     # ------------------------------------------------------------------ used side
-    def push(self, head: int, written: int) -> None:
-        """Stage a used element; it becomes visible at :meth:`publish`."""
+    def push(self, head: int, written: int) -> bool:
+        """Stage a used element; it becomes visible at :meth:`publish`. False (and
+        nothing written) for a head the device is not serving."""
+        if not 0 <= head < self.size or self.hstate[head] != HEAD_BUSY:
+            return False
         USED_ELEM.pack_into(self.used, 4 + 8 * (self.used_idx & self.mask), head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
+        self.hstate[head] = HEAD_DONE
+        self.pushed.append(head)
+        return True
 
-    def publish(self) -> None:
+    def publish(self) -> list[int]:
+        """Make the staged used elements visible; returns their heads (now the
+        driver's again)."""
         _wmb()  # used elements before the index
         U16.pack_into(self.used, 2, self.used_idx)
+        heads, self.pushed = self.pushed, []
+        hstate = self.hstate
+        for head in heads:
+            hstate[head] = HEAD_FREE
+        return heads
 
     def should_notify(self) -> bool:
         """After :meth:`publish`: must the driver be signalled?"""

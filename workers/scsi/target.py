@@ -71,9 +71,15 @@ from .sense import (
 
 EMPTY = SGList.EMPTY
 
-# Bounded buffers for WRITE SAME (repeated block) and VERIFY (media read-back).
-WRITE_SAME_CHUNK = 1 << 20
-VERIFY_CHUNK = 1 << 20
+# The work of one command is bounded twice: by the Block Limits VPD (MAXIMUM
+# TRANSFER LENGTH, MAXIMUM WRITE SAME LENGTH, the UNMAP limits, from DiskInfo:
+# the same numbers are advertised and enforced), and, for the commands that loop
+# over the medium (VERIFY, WRITE SAME, UNMAP), by slicing: IoPlan.steps() does at
+# most one slice per step, so a data plane can interleave other requests (and
+# its heartbeat) between the slices of a long command.
+WRITE_SAME_CHUNK = 1 << 20      # bytes of pattern written per slice
+VERIFY_CHUNK = 1 << 20          # bytes read back and compared per slice
+ZERO_CHUNK = 32 << 20           # bytes zeroed or deallocated per slice
 # GET LBA STATUS: at most this many descriptors per response.
 MAX_LBA_STATUS_DESCRIPTORS = 256
 
@@ -197,6 +203,8 @@ class IoPlan:
     VERIFY = "verify"
     WRITE_SAME = "write_same"
     UNMAP = "unmap"
+    #: ops whose work is cut into slices (see :meth:`steps`)
+    SLICED = frozenset((VERIFY, WRITE_SAME, UNMAP))
 
     __slots__ = ("op", "disk", "backend", "log", "offset", "length", "views", "fua",
                  "lba", "nblocks", "data_in_len", "data_out_len", "args")
@@ -221,6 +229,10 @@ class IoPlan:
         return (f"IoPlan({self.op}, lba={self.lba}, blocks={self.nblocks}, offset={self.offset}, "
                 f"length={self.length}, fua={self.fua})")
 
+    @property
+    def sliced(self) -> bool:
+        return self.op in IoPlan.SLICED
+
     def run(self) -> int:
         """Do the backend I/O; returns bytes transferred, raises OSError (or Miscompare)."""
         op = self.op
@@ -231,13 +243,27 @@ class IoPlan:
         if op == "flush":
             self.backend.flush()
             return 0
-        if op == "verify":
-            return _run_verify(self)
-        if op == "write_same":
-            return _run_write_same(self)
-        if op == "unmap":
-            return _run_unmap(self)
+        if op in IoPlan.SLICED:
+            steps = self.steps()
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    return done.value
         raise AssertionError(f"unknown plan op {op!r}")
+
+    def steps(self):
+        """A sliced op as a generator: each ``next()`` does one bounded slice of the
+        work; the generator's return value is what ``run`` returns (it raises what
+        ``run`` raises)."""
+        op = self.op
+        if op == "verify":
+            return _verify_steps(self)
+        if op == "write_same":
+            return _write_same_steps(self)
+        if op == "unmap":
+            return _unmap_steps(self)
+        raise AssertionError(f"{op!r} is not a sliced op")
 
     def finish(self, result) -> ScsiResult:
         """Map ``run``'s result (bytes transferred, or the exception it raised) to a ScsiResult."""
@@ -293,7 +319,7 @@ def _first_difference(a, b) -> int:
     return lo
 
 
-def _run_verify(plan: IoPlan) -> int:
+def _verify_steps(plan: IoPlan):
     expected, single_block = plan.args
     bs = plan.disk.block_size
     total = plan.length
@@ -310,34 +336,52 @@ def _run_verify(plan: IoPlan) -> int:
         if got != want:
             raise Miscompare(pos + _first_difference(got, want))
         pos += k
+        if pos < total:
+            yield
     return total
 
 
-def _run_write_same(plan: IoPlan) -> int:
+def _write_same_steps(plan: IoPlan):
     block, unmap, sync = plan.args
     backend = plan.backend
     total = plan.length
+    pos = 0
     if block is None:
-        backend.write_zeroes(plan.offset, total, unmap)
+        while pos < total:
+            k = min(ZERO_CHUNK, total - pos)
+            backend.write_zeroes(plan.offset + pos, k, unmap)
+            pos += k
+            if pos < total:
+                yield
     else:
         bs = len(block)
         reps = max(1, min(total, WRITE_SAME_CHUNK) // bs)
         mv = memoryview(block * reps)
         step = mv.nbytes
-        pos = 0
         while pos < total:
             k = min(step, total - pos)
             backend.writev([mv[:k]], plan.offset + pos, False)
             pos += k
+            if pos < total:
+                yield
     if sync:
+        yield
         backend.flush()
     return total
 
 
-def _run_unmap(plan: IoPlan) -> int:
+def _unmap_steps(plan: IoPlan):
     backend = plan.backend
+    first = True
     for offset, length in plan.args:
-        backend.discard(offset, length)
+        pos = 0
+        while pos < length:
+            if not first:
+                yield
+            first = False
+            k = min(ZERO_CHUNK, length - pos)
+            backend.discard(offset + pos, k)
+            pos += k
     return 0
 
 
@@ -519,7 +563,11 @@ def _plan_verify(t, disk, lba, n, flags, dout, len_off):
             return _overrun()
         return IoPlan("verify", disk, t.log, lba * bs, nbytes, None, False, lba, n, 0, nbytes,
                       (dout, False))
-    # BYTCHK=11b: every block is compared with the single block in the data-out buffer
+    # BYTCHK=11b: every block is compared with the single block in the data-out buffer.
+    # The verification length is bounded like any other medium transfer (Block
+    # Limits VPD, MAXIMUM TRANSFER LENGTH): one command never reads the whole LUN.
+    if n > disk.max_transfer_blocks:
+        return _bad_cdb(disk, len_off)
     if dout.length < bs:
         return _overrun()
     return IoPlan("verify", disk, t.log, lba * bs, nbytes, None, False, lba, n, 0, bs,
@@ -654,8 +702,12 @@ def _get_lba_status(t, disk, cdb, dout, din):
     backend = disk.backend
     descs: list[list[int]] = []  # [lba, count, status]
     pos = lba
+    # Each lookup is a system call: bounded per command (the list may end early;
+    # the initiator asks again from where it ends).
+    lookups = 4 * max_desc + 16
     try:
-        while pos < nblocks:
+        while pos < nblocks and lookups > 0:
+            lookups -= 1
             mapped, length = backend.block_status(pos * bs)
             if length <= 0:
                 mapped, length = True, (nblocks - pos) * bs
@@ -959,6 +1011,12 @@ class ScsiTarget:
 
     def remove_lun(self, lun: int) -> Disk | None:
         return self._luns.pop(lun, None)
+
+    def internal_failure(self, lun: int) -> ScsiResult:
+        """CHECK CONDITION, HARDWARE ERROR / INTERNAL TARGET FAILURE for a command
+        the target cannot complete (e.g. one that killed its data plane)."""
+        lu = self._luns.get(lun)
+        return _check(lu if lu is not None else self._absent, INTERNAL_TARGET_FAILURE)
 
     def execute(self, lun: int, cdb, data_out: SGList = EMPTY, data_in: SGList = EMPTY,
                 task_tag: int = 0) -> ScsiResult:

@@ -6,13 +6,20 @@ gunicorn's arbiter).
     STARTING ──configured──▶ RUNNING ──exit──▶ BACKOFF ──delay──▶ STARTING …
         │                       │ heartbeat missed: ABORT (SIGABRT: dump stack), then KILL
         └──exit── BACKOFF       └──stop──▶ STOPPING ──exit──▶ STOPPED
-    BACKOFF ──too many failures in a row──▶ FATAL (the daemon stops with an error)
+    BACKOFF ──too many boot failures in a row──▶ FATAL (the daemon stops with an error)
 
 A failure is "quick" when the worker dies before it has run for
 ``stable_after`` seconds; quick failures in a row raise the back-off delay
-exponentially and, past ``max_quick_failures``, end in FATAL so that a worker that
-cannot boot (bad LUN, broken install) stops the daemon with a clear error
-instead of looping. A worker that ran long enough resets the count.
+exponentially (up to ``backoff_max``). A worker that ran long enough resets the
+count.
+
+FATAL is for workers that cannot boot: ``max_boot_failures`` replacements in a
+row that die before they are configured (bad LUN, broken install) stop the
+daemon with a clear error instead of looping. A worker that booted and then
+died — whatever the guest made it do — is always replaced: a guest must never be
+able to stop the daemon. (A request that kills its worker twice is failed by
+the replacement instead of replayed: the poison-request quarantine in the
+worker.)
 
 The supervisor feeds events (with the time) and carries out the returned
 actions; tests drive this class with a fake clock.
@@ -51,7 +58,7 @@ class Decision:
 @dataclass
 class Policy:
     stable_after: float = 5.0         # seconds of life that make a worker "healthy"
-    max_quick_failures: int = 5
+    max_boot_failures: int = 5
     backoff_base: float = 0.1
     backoff_max: float = 5.0
     heartbeat_interval: float = 2.0   # how often the supervisor pings
@@ -69,6 +76,7 @@ class Lifecycle:
         self.last_heartbeat = 0.0
         self.aborted_at: float | None = None
         self.quick_failures = 0
+        self.boot_failures = 0
         self.restarts = 0
         self.generation = 0
 
@@ -103,9 +111,10 @@ class Lifecycle:
             self.quick_failures += 1
         else:
             self.quick_failures = 0
-        if self.quick_failures >= self.policy.max_quick_failures:
+        self.boot_failures = self.boot_failures + 1 if boot_failure else 0
+        if self.boot_failures >= self.policy.max_boot_failures:
             self.state = WState.FATAL
-            return Decision(Action.FATAL, reason=f"{self.quick_failures} failures in a row "
+            return Decision(Action.FATAL, reason=f"{self.boot_failures} boot failures in a row "
                                                  f"(the last after {lived:.1f}s)")
         self.state = WState.BACKOFF
         self.restarts += 1

@@ -18,24 +18,38 @@ def test_crash_of_a_healthy_worker_restarts_at_once():
     assert lc.quick_failures == 0 and lc.restarts == 1
 
 
-def test_quick_failures_back_off_exponentially_then_fatal():
-    p = Policy(stable_after=5, max_quick_failures=4, backoff_base=0.1, backoff_max=1.0)
+def test_quick_failures_after_boot_back_off_but_never_end_in_fatal():
+    # A worker that booted and then died (whatever the guest made it do) is always
+    # replaced: the back-off grows and is capped, and the daemon keeps running.
+    p = Policy(stable_after=5, max_boot_failures=4, backoff_base=0.1, backoff_max=1.0)
     lc = Lifecycle(p)
     now = 0.0
     actions = []
-    for _ in range(4):
+    for _ in range(8):
         lc.spawned(now)
         lc.configured(now)
         now += 1.0
         actions.append(lc.exited(now, 1))
-    assert [a.action for a in actions] == [Action.SPAWN, Action.RESTART_LATER,
-                                           Action.RESTART_LATER, Action.FATAL]
-    assert [a.delay for a in actions[1:3]] == [0.2, 0.4]
+    assert [a.action for a in actions] == [Action.SPAWN] + [Action.RESTART_LATER] * 7
+    assert [a.delay for a in actions[1:5]] == [0.2, 0.4, 0.8, 1.0]
+    assert lc.state == WState.BACKOFF and lc.restarts == 8
+
+
+def test_boot_failures_in_a_row_end_in_fatal():
+    p = Policy(stable_after=5, max_boot_failures=3, backoff_base=0.1, backoff_max=1.0)
+    lc = running(p)
+    assert lc.exited(1.0, -9).action == Action.SPAWN           # booted, then died
+    actions = []
+    for i in range(3):
+        lc.spawned(2.0 + i)
+        actions.append(lc.exited(2.5 + i, 1))                  # never configured
+    assert [a.action for a in actions] == [Action.RESTART_LATER, Action.RESTART_LATER,
+                                           Action.FATAL]
     assert lc.state == WState.FATAL
 
 
 def test_boot_failure_counts_even_after_a_long_time():
-    lc = Lifecycle(Policy(stable_after=1, max_quick_failures=2))
+    lc = Lifecycle(Policy(stable_after=1, max_boot_failures=2))
     lc.spawned(0)
     assert lc.exited(50, 3).action == Action.SPAWN      # died before it was configured
     lc.spawned(50)
@@ -43,7 +57,7 @@ def test_boot_failure_counts_even_after_a_long_time():
 
 
 def test_a_stable_run_resets_the_failure_count():
-    lc = Lifecycle(Policy(stable_after=5, max_quick_failures=3))
+    lc = Lifecycle(Policy(stable_after=5, max_boot_failures=3))
     lc.spawned(0), lc.configured(0)
     lc.exited(1, 1)
     lc.spawned(1), lc.configured(1)

@@ -166,10 +166,10 @@ def test_worker_that_never_boots_makes_the_daemon_fail(tmp_path):
     assert not any(w.alive for w in sup.workers)
 
 
-def test_crash_loop_after_boot_ends_in_fatal(tmp_path):
+def test_replacements_that_cannot_boot_end_in_fatal(tmp_path):
     # Generation 1 boots fine; every replacement of queue 0 dies at boot.
     ops = FakeOps(lambda q, gen: "worker" if gen == 1 or q == 1 else "boot_crash")
-    policy = Policy(max_quick_failures=3, backoff_base=0.01, backoff_max=0.05)
+    policy = Policy(max_boot_failures=3, backoff_base=0.01, backoff_max=0.05)
     sup = make_supervisor(tmp_path, ops, policy=policy)
 
     async def scenario():
@@ -180,7 +180,34 @@ def test_crash_loop_after_boot_ends_in_fatal(tmp_path):
 
     assert run(scenario()) == 1
     assert sup.workers[0].state == WState.FATAL
-    assert [q for q, _ in ops.spawned].count(0) == 3
+    # The first generation booted (its death is not a boot failure); then three
+    # replacements in a row died at boot.
+    assert [q for q, _ in ops.spawned].count(0) == 4
+
+
+def test_workers_that_keep_dying_after_boot_never_stop_the_daemon(tmp_path):
+    # Whatever a guest makes a booted worker do, its death must not escalate:
+    # each one is replaced (with back-off), and the daemon keeps running.
+    ops = FakeOps(lambda q, gen: "worker")
+    policy = Policy(max_boot_failures=3, backoff_base=0.01, backoff_max=0.05)
+    sup = make_supervisor(tmp_path, ops, policy=policy)
+
+    async def scenario():
+        task = asyncio.create_task(sup.run())
+        await wait_for(lambda: sup.workers and all(w.state == WState.RUNNING
+                                                   for w in sup.workers))
+        for _ in range(8):
+            gen = sup.workers[0].life.generation
+            ops.send_signal(sup.workers[0].pidfd, signal.SIGKILL)
+            await wait_for(lambda: sup.workers[0].life.generation > gen
+                           and sup.workers[0].state == WState.RUNNING)
+        assert not task.done()
+        sup.request_stop()
+        return await asyncio.wait_for(task, 20)
+
+    assert run(scenario()) == 0
+    assert sup.workers[0].life.restarts == 8
+    assert [q for q, _ in ops.spawned].count(0) == 9
 
 
 def test_hung_worker_gets_sigabrt_then_is_replaced(tmp_path):

@@ -39,6 +39,9 @@ TMF_REQ = struct.Struct("<II8sQ")        # type, subtype, lun, id
 AN_REQ = struct.Struct("<I8sI")          # type, lun, event_requested
 AN_RESP = struct.Struct("<IB")           # event_actual, response
 
+#: control requests served before the supervisor's event loop gets a turn
+CONTROL_BUDGET = 64
+
 T_TMF = 0
 T_AN_QUERY = 1
 T_AN_SUBSCRIBE = 2
@@ -78,7 +81,7 @@ class ControlQueues:
         self._task: asyncio.Task | None = None
         self._again = False
         self.stats = {"tmf": 0, "an": 0, "bad": 0}
-        self._limiter = vlog.RateLimiter()
+        self.glog = vlog.GuestLog(self.log)     # what a guest can make us log, rate limited
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, state: RingState, desc: int, avail: int, used: int) -> None:
@@ -184,20 +187,25 @@ class ControlQueues:
                 self.session.memory_fault("the supervisor (control queue)")
 
     async def _run_locked(self) -> None:
-        async with self.lock:
-            while True:
+        while True:
+            async with self.lock:
                 self._again = False
                 ring = self.rings.get(0)
                 if (ring is None or ring.queue is None or not ring.state.enabled
                         or ring.state.broken):
                     return
                 try:
-                    await self._drain(ring)
+                    more = await self._drain(ring)
                 except RingError as exc:
                     self._broken(ring, str(exc))
                     return
-                if not self._again:
-                    return
+            if not more and not self._again:
+                return
+            # A guest that floods its control queue gets a share of the
+            # supervisor, not all of it: with the lock released, the event loop
+            # (vhost-user messages, memory changes, workers, signals) runs, then
+            # the queue is served again.
+            await asyncio.sleep(0)
 
     def _broken(self, ring: _Ring, reason: str) -> None:
         """The ring as a whole is unusable: stop serving it, tell the front end
@@ -216,13 +224,18 @@ class ControlQueues:
                 pass
         self.session.log.error("ring_needs_reset", ring=state.index, reason=reason)
 
-    async def _drain(self, ring: _Ring) -> None:
+    async def _drain(self, ring: _Ring) -> bool:
+        """Serve up to CONTROL_BUDGET requests; True if more may be waiting."""
+        served = 0
         while True:
             q = ring.queue
             if q is None:
-                return
+                return False
+            if served >= CONTROL_BUDGET:
+                return True
             q.disable_kicks()
-            heads = q.pop_heads()
+            heads = q.pop_heads(CONTROL_BUDGET - served)
+            served += len(heads)
             for head in heads:
                 try:
                     chain = q.walk(head)
@@ -238,10 +251,10 @@ class ControlQueues:
                 if q.should_notify() and ring.state.call_fd >= 0:
                     os.eventfd_write(ring.state.call_fd, 1)
             if not q.enable_kicks():
-                return
+                return False
 
     def _guest_warning(self, event: str, **fields) -> None:
-        self._limiter.warn(self.log, event, **fields)
+        self.glog.warning(event, **fields)
 
     async def _handle(self, chain) -> int:
         if chain.out_len < 4:
@@ -271,7 +284,7 @@ class ControlQueues:
             response = S_BAD_TARGET if number == LUN_BAD_TARGET else S_OK
             scatter(chain.in_, AN_RESP.pack(0, response))
             self.stats["an"] += 1
-            self.log.info("async_notification_request",
+            self.glog.info("async_notification_request",
                           kind="query" if kind == T_AN_QUERY else "subscribe",
                           requested=hex(requested), supported=0)
             return AN_RESP.size
@@ -285,10 +298,10 @@ class ControlQueues:
         sup = self.session.sup
         if number == LUN_BAD_TARGET or (number != WLUN_REPORT_LUNS
                                         and number >= len(sup.luns.specs)):
-            self.log.warning("tmf_bad_lun", tmf=name, lun=lun_bytes.hex())
+            self.glog.warning("tmf_bad_lun", tmf=name, lun=lun_bytes.hex())
             return S_BAD_TARGET
         if subtype not in TMF_NAMES or subtype == TMF_CLEAR_ACA:
-            self.log.warning("tmf_rejected", tmf=name, lun=number)
+            self.glog.warning("tmf_rejected", tmf=name, lun=number)
             return S_FUNCTION_REJECTED
         scope_lun = None if subtype == TMF_I_T_NEXUS_RESET else number
         # Every worker answers only after finishing what it was doing, and says
@@ -300,10 +313,10 @@ class ControlQueues:
             try:
                 rep = await w.request("tmf", kind=name, lun=scope_lun, tag=tag, timeout=30)
             except (WorkerGone, asyncio.TimeoutError) as exc:
-                self.log.error("tmf_worker_unreachable", tmf=name, queue=w.queue, error=str(exc))
+                self.glog.error("tmf_worker_unreachable", tmf=name, queue=w.queue, error=str(exc))
                 continue
             found = found or bool(rep.get("found"))
-        self.log.info("task_management", tmf=name, lun=number, tag=tag, found=found)
+        self.glog.info("task_management", tmf=name, lun=number, tag=tag, found=found)
         if subtype in (TMF_QUERY_TASK, TMF_QUERY_TASK_SET):
             return S_FUNCTION_SUCCEEDED if found else S_OK
         return S_OK

@@ -125,11 +125,45 @@ class RateLimiter:
         dropped, b[2] = b[2], 0
         return dropped
 
-    def warn(self, logger, event: str, **fields) -> None:
-        """``logger.warning(event, **fields)`` unless rate limited (adds ``suppressed=``)."""
+    def emit(self, logger, level: str, event: str, **fields) -> None:
+        """``logger.<level>(event, **fields)`` unless rate limited (adds ``suppressed=``)."""
         dropped = self.check(event)
         if dropped is None:
             return
         if dropped:
             fields["suppressed"] = dropped
-        logger.warning(event, **fields)
+        getattr(logger, level)(event, **fields)
+
+    def warn(self, logger, event: str, **fields) -> None:
+        self.emit(logger, "warning", event, **fields)
+
+
+class GuestLog:
+    """A logger for lines a guest can cause at will (malformed or failing
+    requests, task management, notification queries): the one mechanism that
+    keeps a guest from flooding the log. Every record goes through a shared
+    :class:`RateLimiter`, per event name; ``bind`` keeps the same limiter."""
+
+    __slots__ = ("_log", "_limiter")
+
+    def __init__(self, logger, limiter: RateLimiter | None = None):
+        self._log = logger
+        self._limiter = limiter if limiter is not None else RateLimiter()
+
+    def bind(self, **context) -> "GuestLog":
+        return GuestLog(self._log.bind(**context), self._limiter)
+
+    def debug(self, event: str, **fields) -> None:
+        self._limiter.emit(self._log, "debug", event, **fields)
+
+    def info(self, event: str, **fields) -> None:
+        self._limiter.emit(self._log, "info", event, **fields)
+
+    def warning(self, event: str, **fields) -> None:
+        self._limiter.emit(self._log, "warning", event, **fields)
+
+    def error(self, event: str, **fields) -> None:
+        self._limiter.emit(self._log, "error", event, **fields)
+
+    def exception(self, event: str, **fields) -> None:
+        self._limiter.emit(self._log, "exception", event, **fields)

@@ -23,6 +23,7 @@ and GET_VRING_BASE reports an index with nothing outstanding.
 """
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import mmap
@@ -52,12 +53,30 @@ from .virtqueue import ChainError, RingError, SplitQueue
 BATCH_LIMIT = 1024   # requests per pass before the control channel gets a look
 
 
+def _test_poison(text: str | None) -> dict[int, str]:
+    """Test-only fault hook: ``VSCSID_TEST_POISON="crash:0xc0,hang:0xc1"`` makes the
+    worker abort (crash) or stop answering (hang) when it starts a command with
+    that opcode, standing in for a command that kills its data plane; the tests
+    use it to show the poison-request quarantine. Unset in production."""
+    out: dict[int, str] = {}
+    for item in filter(None, (text or "").split(",")):
+        action, _, opcode = item.partition(":")
+        if action in ("crash", "hang"):
+            out[int(opcode, 0) & 0xFF] = action
+    return out
+
+
+_POISON = _test_poison(os.environ.get("VSCSID_TEST_POISON"))
+
+
 class Pending:
     """A request whose I/O is in flight (completes later, possibly out of order)."""
 
-    __slots__ = ("head", "plan", "in_", "in_data_len", "out_data_len", "resp_len", "lun", "tag")
+    __slots__ = ("head", "plan", "in_", "in_data_len", "out_data_len", "resp_len", "lun", "tag",
+                 "steps")
 
     def __init__(self, head, plan, in_, in_data_len, out_data_len, resp_len, lun, tag):
+        self.steps = None          # the slices still to run (IoPlan.steps) of a long command
         self.head = head
         self.plan = plan
         self.in_ = in_
@@ -93,15 +112,17 @@ class Worker:
         self.sense_size = DEFAULT_SENSE_SIZE
         self.running = True
         self.timers: list = []                 # heap of (deadline, seq, Pending)
+        self.long_ops: collections.deque = collections.deque()   # sliced commands (Pending)
+        self.poisoned: list[int] = []          # heads to fail instead of resubmitting
         self._seq = itertools.count()
-        self.completed: list[int] = []         # heads pushed since the last publish
         self.resubmit: list[int] = []          # heads recovered from the inflight region
         self.stats = {"requests": 0, "batches": 0, "calls": 0, "kicks": 0, "bad_chains": 0,
                       "bad_target": 0, "failed": 0, "check_condition": 0,
-                      "bytes_in": 0, "bytes_out": 0, "resubmitted": 0, "max_inflight": 0}
+                      "bytes_in": 0, "bytes_out": 0, "resubmitted": 0, "quarantined": 0,
+                      "max_inflight": 0}
         self._ring_params: dict | None = None
         self._faults = fault_count()
-        self._limiter = vlog.RateLimiter()
+        self.glog = vlog.GuestLog(self.log)     # what a guest can make us log, rate limited
         self.timer_fd = _lib.vsd_timerfd_create()   # deadlines of delayed requests (ns)
         self._armed = 0.0
         self.epoll.register(self.timer_fd, select.EPOLLIN)
@@ -115,13 +136,13 @@ class Worker:
         self.epoll.register(self.chan.fileno(), select.EPOLLIN)
         while self.running:
             if (self.cq is not None and self._can_process() and not self.timers
-                    and not self.resubmit):
+                    and not self.resubmit and not self.poisoned and not self.long_ops):
                 # The C loop waits, polls and serves until Python is needed.
                 self._serve_c()
                 if not self.running:
                     break
                 timeout = 0          # now look at the control channel (or timers)
-            elif self.more:
+            elif self.more or self.long_ops:
                 timeout = 0
             elif self.timers:
                 # The timerfd (ns resolution) wakes us; epoll's own timeout is in ms.
@@ -156,8 +177,12 @@ class Worker:
                         pass
             if self.timers:
                 self._expire_timers()
+            if self.long_ops:
+                self._step_long_ops()
             if kicked and self._can_process():
                 self.process()
+            elif kicked and self._finishing():
+                self._finish_c_pass(self.cq.run(0))
             self._flush()
             if fault_count() != self._faults:
                 self._memory_fault()
@@ -166,9 +191,15 @@ class Worker:
     def _can_process(self) -> bool:
         return self.started and self.enabled and not self.broken and self.queue is not None
 
+    def _finishing(self) -> bool:
+        """A broken ring pops nothing more, but its I/O in flight still completes."""
+        return (self.broken and self.started and self.cq is not None
+                and self.cq.in_flight > 0)
+
     @property
     def in_flight(self) -> int:
-        return len(self.timers) + (self.cq.in_flight if self.cq is not None else 0)
+        return (len(self.timers) + len(self.long_ops)
+                + (self.cq.in_flight if self.cq is not None else 0))
 
     # ------------------------------------------------------------------ data path
     def process(self) -> None:
@@ -177,30 +208,36 @@ class Worker:
             return
         q = self.queue
         done = 0
-        try:
-            for head in self._take_resubmit():
+        self._quarantine(self._take_poisoned())
+        for head in self._take_resubmit():
+            if q.claim(head):
                 self._start(head)
-            while True:
-                q.disable_kicks()
+        while True:
+            q.disable_kicks()
+            broken = None
+            try:
                 heads = q.pop_heads(BATCH_LIMIT)
-                inflight = self.inflight
-                for head in heads:
-                    if inflight is not None:
-                        inflight.get(head)
-                    self._start(head)
-                if heads:
-                    done += len(heads)
-                    self.stats["requests"] += len(heads)
-                    self.stats["batches"] += 1
-                    self._flush()
-                if done >= BATCH_LIMIT:
-                    self.more = True     # let the control channel in, then come back
-                    return
-                if not q.enable_kicks():
-                    return
-        except RingError as exc:
-            self._flush()
-            self._ring_broken(str(exc))
+            except RingError as exc:
+                heads, broken = exc.heads, exc
+            inflight = self.inflight
+            for head in heads:
+                if inflight is not None:
+                    inflight.get(head)
+                self._start(head)
+            if heads:
+                done += len(heads)
+                self.stats["requests"] += len(heads)
+                self.stats["batches"] += 1
+            # Published once per pass (as the C engine does): a head pushed in this
+            # pass is not the driver's yet, so offering it again breaks the ring.
+            if broken is not None:
+                self._ring_broken(str(broken))
+                return
+            if done >= BATCH_LIMIT:
+                self.more = True     # let the control channel in, then come back
+                return
+            if not q.enable_kicks():
+                return
 
     def _take_resubmit(self) -> list[int]:
         """Heads recovered from the inflight region, to run again (once)."""
@@ -210,6 +247,47 @@ class Worker:
             self.log.info("resubmitting_inflight", heads=len(heads))
         return heads
 
+    def _take_poisoned(self) -> list[int]:
+        heads, self.poisoned = self.poisoned, []
+        return heads
+
+    def _quarantine(self, heads: list[int]) -> None:
+        """Requests that were in flight when a worker died, twice: their second
+        resubmission would most likely kill this worker too. Each is completed
+        with CHECK CONDITION, HARDWARE ERROR (INTERNAL TARGET FAILURE) — or a
+        virtio-scsi FAILURE when its header cannot be read — and named in the log."""
+        claim = self.cq.claim if self.cq is not None else self.queue.claim
+        for head in heads:
+            if not claim(head):
+                continue
+            self.stats["quarantined"] += 1
+            try:
+                chain = self.queue.walk(head)
+            except ChainError as exc:
+                self.glog.error("request_quarantined", head=head, reason=exc.reason)
+                self._complete(head, 0)
+                continue
+            written = 0
+            info: dict = {}
+            hdr_len = REQ_HDR_SIZE + self.cdb_size
+            resp_len = RESP_HDR_SIZE + self.sense_size
+            if chain.out_len >= hdr_len and chain.in_len >= resp_len:
+                hdr = gather(chain.out, hdr_len)
+                lun_bytes, tag, _attr, _prio, _crn = REQ_HDR.unpack_from(hdr, 0)
+                lun = decode_lun(lun_bytes)
+                cdb = hdr[REQ_HDR_SIZE:]
+                info = {"lun": lun, "tag": tag, "cdb": cdb.hex()}
+                res = self.target.internal_failure(lun)
+                written = self._result(res, chain.in_, chain.in_len - resp_len,
+                                       chain.out_len - hdr_len, resp_len)
+            elif chain.in_len >= RESP_HDR_SIZE:
+                self._respond(chain.in_, 0, 0, 0, S_FAILURE, b"")
+                written = RESP_HDR_SIZE
+            self.glog.error("request_quarantined", head=head,
+                           reason="in flight when the worker died twice: failed instead of "
+                                  "resubmitted again", **info)
+            self._complete(head, written)
+
     def _serve_c(self) -> None:
         timeout_ms = 0 if self.more else 1000
         self.more = False
@@ -218,6 +296,7 @@ class Worker:
 
     def _process_c(self) -> None:
         cq = self.cq
+        self._quarantine(self._take_poisoned())
         heads = self._take_resubmit()
         if heads:
             for head in cq.resubmit(heads):
@@ -256,11 +335,11 @@ class Worker:
             self._complete(head, written)
 
     def _complete(self, head: int, written: int) -> None:
-        if self.cq is not None:
-            self.cq.push(head, written)
-            return
-        self.queue.push(head, written)
-        self.completed.append(head)
+        q = self.cq if self.cq is not None else self.queue
+        if not q.push(head, written):
+            # Nothing completes twice or without being served (cannot happen).
+            self.glog.error("completion_refused", head=head,
+                           reason="head is not being served by this queue")
 
     def _flush(self) -> None:
         """Publish the used entries pushed so far; one call signal per batch."""
@@ -268,13 +347,12 @@ class Worker:
             if self.cq.flush():
                 self.stats["calls"] += 1
             return
-        if not self.completed or self.queue is None:
-            return
         q = self.queue
-        q.publish()
+        if q is None or not q.pushed:
+            return
+        heads = q.publish()
         if self.inflight is not None:
-            self.inflight.put(self.completed, q.used_idx)
-        self.completed = []
+            self.inflight.put(heads, q.used_idx)
         if q.should_notify() and self.call_fd >= 0:
             os.eventfd_write(self.call_fd, 1)
             self.stats["calls"] += 1
@@ -296,6 +374,8 @@ class Worker:
                 return RESP_HDR_SIZE
             return 0
         hdr = gather(chain.out, hdr_len)
+        if _POISON:
+            self._test_poison(hdr[REQ_HDR_SIZE])
         lun_bytes, tag, _attr, _prio, _crn = REQ_HDR.unpack_from(hdr, 0)
         lun = decode_lun(lun_bytes)
         out_data_len = chain.out_len - hdr_len
@@ -315,11 +395,14 @@ class Worker:
         plan = self.target.plan(lun, hdr[REQ_HDR_SIZE:], data_out, data_in, task_tag=tag)
         if type(plan) is not ScsiResult:
             delay = self.delays.get(lun)
-            if delay:
+            if delay or plan.sliced:
                 p = Pending(chain.head, plan, in_, in_data_len, out_data_len, resp_len, lun, tag)
-                heapq.heappush(self.timers, (time.monotonic() + delay, next(self._seq), p))
-                if len(self.timers) > self.stats["max_inflight"]:
-                    self.stats["max_inflight"] = len(self.timers)
+                if delay:
+                    heapq.heappush(self.timers, (time.monotonic() + delay, next(self._seq), p))
+                else:
+                    self._start_long(p)
+                if self.in_flight > self.stats["max_inflight"]:
+                    self.stats["max_inflight"] = self.in_flight
                 return None
             try:
                 n = plan.run()
@@ -345,17 +428,52 @@ class Worker:
         self._respond(in_, len(sense), residual, res.status, S_OK, sense)
         return resp_len + res.data_in_len
 
+    def _test_poison(self, opcode: int) -> None:
+        action = _POISON.get(opcode)
+        if action == "crash":
+            self.log.warning("test_poison", action=action, opcode=hex(opcode))
+            os.abort()
+        elif action == "hang":
+            self.log.warning("test_poison", action=action, opcode=hex(opcode))
+            while True:
+                time.sleep(3600)
+
     def _arm_timer(self) -> None:
         deadline = self.timers[0][0]
         if deadline != self._armed:
             _lib.vsd_timerfd_arm(self.timer_fd, max(1, int(deadline * 1e9)))
             self._armed = deadline
 
+    def _start_long(self, p: Pending) -> None:
+        """A command that loops over the medium: run it a slice at a time between
+        the loop's other work (see IoPlan.steps)."""
+        p.steps = p.plan.steps()
+        self.long_ops.append(p)
+
+    def _step_long_ops(self) -> None:
+        """One slice of the oldest long command; it then goes to the back."""
+        p = self.long_ops.popleft()
+        try:
+            next(p.steps)
+        except StopIteration as done:
+            result = done.value
+        except Exception as exc:  # OSError from the backend, Miscompare from VERIFY
+            result = exc
+        else:
+            self.long_ops.append(p)
+            return
+        res = p.plan.finish(result)
+        self._complete(p.head, self._result(res, p.in_, p.in_data_len, p.out_data_len,
+                                            p.resp_len))
+
     def _expire_timers(self, everything: bool = False) -> None:
         now = time.monotonic()
         timers = self.timers
         while timers and (everything or timers[0][0] <= now):
             _, _, p = heapq.heappop(timers)
+            if p.plan.sliced:
+                self._start_long(p)
+                continue
             try:
                 n = p.plan.run()
             except Exception as exc:
@@ -371,6 +489,8 @@ class Worker:
                 self._start(head)      # failed asynchronous I/O: the reference path answers
         if self.timers:
             self._expire_timers(everything=True)
+        while self.long_ops:
+            self._step_long_ops()
         self._flush()
 
     def _respond(self, in_views, sense_len, residual, status, response, sense) -> None:
@@ -384,7 +504,7 @@ class Worker:
 
     def _guest_warning(self, event: str, **fields) -> None:
         """A warning the guest can trigger at will: rate limited per event."""
-        self._limiter.warn(self.log, event, **fields)
+        self.glog.warning(event, **fields)
 
     def _memory_fault(self) -> None:
         """Guest memory vanished under us (the front end truncated its file): the
@@ -398,6 +518,8 @@ class Worker:
         self._send({"op": "event", "event": "memory_fault"})
 
     def _ring_broken(self, reason: str) -> None:
+        if self.broken:
+            return               # reported once
         self.broken = True
         self.log.error("ring_broken", reason=reason)
         if self.err_fd >= 0:
@@ -474,11 +596,11 @@ class Worker:
             info = DiskInfo(**entry["info"])
             state = (LunState.from_buffer(memoryview(self.state_mm)[number:number + 1])
                      if self.state_mm is not None else LunState(wce=not spec.writethrough))
-            luns[number] = Disk(info, backend, state=state, log=self.log.bind(lun=number))
+            luns[number] = Disk(info, backend, state=state, log=self.glog.bind(lun=number))
             self.lun_specs[number] = spec
         self.luns = luns
         self.delays = delays
-        self.target = ScsiTarget(luns, log=self.log)
+        self.target = ScsiTarget(luns, log=self.glog)
         self.log.info("worker_configured", luns=sorted(luns), engine=self.engine)
         self._reply(msg)
 
@@ -605,14 +727,20 @@ class Worker:
         offset = int(msg["inflight_offset"])
         size = int(msg["inflight_size"])
         page = offset - offset % mmap.ALLOCATIONGRANULARITY
-        self._inflight_mm = mmap.mmap(fd, size + offset - page, mmap.MAP_SHARED,
-                                      mmap.PROT_READ | mmap.PROT_WRITE, offset=page)
-        os.close(fd)
+        try:
+            self._inflight_mm = mmap.mmap(fd, size + offset - page, mmap.MAP_SHARED,
+                                          mmap.PROT_READ | mmap.PROT_WRITE, offset=page)
+        finally:
+            os.close(fd)
         # The region may come from the front end (SET_INFLIGHT_FD): if it shrinks
         # the file, accesses fault like guest memory and are survived the same way.
         self._inflight_guard = guard_mapping(self._inflight_mm)
         view = memoryview(self._inflight_mm)[offset - page:offset - page + size]
-        self.inflight = InflightQueue(view, int(msg["size"]))
+        try:
+            self.inflight = InflightQueue(view, int(msg["size"]))
+        except ValueError:
+            view.release()
+            raise
 
     def _unmap_inflight(self) -> None:
         if self.inflight is not None:
@@ -644,29 +772,31 @@ class Worker:
             return
         try:
             self._build_queue(msg, int(msg["last_avail"]))
-        except RingError as exc:
+            q = self.queue
+            if inflight_fd >= 0:
+                fd, inflight_fd = inflight_fd, -1      # the mapping owns it from here on
+                self._map_inflight(msg, fd)
+                self._recover(q, msg)
+            self._open_cq()
+        except Exception as exc:  # RingError, a bad inflight region, the engine refusing
+            # A ring that cannot start keeps nothing: fds, mappings and views go.
             for fd in (kick, call, inflight_fd):
                 if fd >= 0:
                     os.close(fd)
+            self._close_cq()
+            self._drop_queue_views()
+            self._unmap_inflight()
+            self.resubmit = []
+            self.poisoned = []
+            self.log.error("ring_start_failed", error=f"{type(exc).__name__}: {exc}")
             self._reply(msg, ok=False, error=str(exc))
             return
-        q = self.queue
-        if inflight_fd >= 0:
-            self._map_inflight(msg, inflight_fd)
-            recovered = None
-            if msg.get("recover"):
-                recovered = self.inflight.recover(q.used_idx, q.used)
-            if recovered is not None and (recovered[1] or msg.get("resume")):
-                q.last_avail, self.resubmit = recovered
-                self.log.info("inflight_recovered", next_avail=q.last_avail, used_idx=q.used_idx,
-                              resubmit=len(self.resubmit))
-            else:
-                self.inflight.reset(q.used_idx)
         self._ring_params = dict(msg)
         self._set_kick(kick)
         if call >= 0:
             self._set_fd("call_fd", call)
-        self._open_cq()
+            if self.cq is not None:
+                self.cq.set_call_fd(call)
         self.started = True
         self.broken = False
         self.enabled = bool(msg.get("enabled", False))
@@ -677,6 +807,29 @@ class Worker:
                       io_uring=bool(self.cq is not None and self.cq.uring is not None))
         self.more = True      # requests may already be waiting
         self._reply(msg)
+
+    def _recover(self, q: SplitQueue, msg: dict) -> None:
+        """Pick up what a dead predecessor (or a previous daemon) left in flight:
+        resubmit it, except what was resubmitted once already and is still in
+        flight: that request was there when a worker died twice, and is failed
+        (quarantined) rather than replayed into a third death."""
+        recovered = None
+        if msg.get("recover"):
+            recovered = self.inflight.recover(q.used_idx, q.used)
+        if recovered is None or not (recovered[1] or msg.get("resume")):
+            self.inflight.reset(q.used_idx)
+            return
+        q.last_avail, heads = recovered
+        self.resubmit = []
+        self.poisoned = []
+        for head in heads:
+            if self.inflight.resubmits(head):
+                self.poisoned.append(head)
+            else:
+                self.inflight.note_resubmitted(head)
+                self.resubmit.append(head)
+        self.log.info("inflight_recovered", next_avail=q.last_avail, used_idx=q.used_idx,
+                      resubmit=len(self.resubmit), quarantine=len(self.poisoned))
 
     def _set_kick(self, fd: int) -> None:
         if self.kick_fd >= 0:
@@ -734,6 +887,7 @@ class Worker:
         self._unmap_inflight()
         self._ring_params = None
         self.resubmit = []
+        self.poisoned = []
         self.log.info("ring_stopped", last_avail=last, used_idx=used, **self.stats)
         self._reply(msg, last_avail=last)
 
@@ -765,7 +919,7 @@ class Worker:
         tag = msg.get("tag")
         kind = msg.get("kind")
         found = False
-        for _, _, p in self.timers:
+        for p in itertools.chain((t[2] for t in self.timers), self.long_ops):
             if lun is not None and p.lun != lun:
                 continue
             if kind in ("abort_task", "query_task"):

@@ -13,13 +13,17 @@ from .harness import HostileDaemon, check_serves
 NUM_QUEUES = 2
 
 
-def _finish(d: HostileDaemon) -> None:
+def _finish(d: HostileDaemon, worker_deaths_expected: bool = False) -> None:
     alive = d.alive()
+    deaths = [] if worker_deaths_expected or not alive else d.worker_deaths()
     code = d.stop()
     assert alive, f"the daemon died during the tests:\n{d.tail()}"
     assert code == 0, d.tail()
+    assert not deaths, f"a worker died (nothing a guest or front end does may kill one): {deaths}"
+    # (a worker that dies of SIGABRT leaves faulthandler's stack dump: not JSON)
+    unexpected = ("session_crashed",) if worker_deaths_expected else ("session_crashed", "unparsed")
     bad = [r for r in d.log_records()
-           if r.get("level") == "critical" or r.get("event") in ("session_crashed", "unparsed")]
+           if r.get("level") == "critical" or r.get("event") in unexpected]
     assert not bad, bad
 
 
@@ -49,7 +53,9 @@ def baseline(daemon):
     if not daemon.alive():
         pytest.fail("daemon is dead")
     before = daemon.snapshot()
+    workers, deaths = daemon.workers(), len(daemon.worker_deaths())
     yield before
+    daemon.assert_workers_intact(workers, deaths, "after the test")
     check_serves(daemon, before)
 
 
@@ -58,20 +64,22 @@ def make_daemon():
     """A daemon of its own, for tests that need other options or may damage it."""
     started: list[HostileDaemon] = []
 
-    def make(*args: str, num_queues: int = 1, image_size: int = 16 << 20) -> HostileDaemon:
+    def make(*args: str, num_queues: int = 1, image_size: int = 16 << 20,
+             kills_workers: bool = False) -> HostileDaemon:
         # (not tmp_path: a unix socket path must stay under 108 bytes)
         sub = Path(tempfile.mkdtemp(prefix="vsh"))
         img = _image(sub / "disk.img", image_size)
         d = HostileDaemon(sub, ["--lun", str(img), "--num-queues", str(num_queues), *args],
                           sub / "vscsid.sock", num_queues=num_queues)
         d.image = img
+        d.kills_workers = kills_workers
         started.append(d)
         return d
 
     yield make
     try:
         for d in started:
-            _finish(d)
+            _finish(d, d.kills_workers)
     finally:
         for d in started:
             shutil.rmtree(d.log_path.parent, ignore_errors=True)

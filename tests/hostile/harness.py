@@ -33,13 +33,16 @@ class HostileDaemon(Daemon):
     """A real daemon; its JSON log is parsed incrementally (a shared daemon's log grows
     long), and its processes' fds and mappings can be inspected."""
 
-    def __init__(self, tmp: Path, args: list[str], socket_path: Path, num_queues: int = 1):
+    def __init__(self, tmp: Path, args: list[str], socket_path: Path, num_queues: int = 1,
+                 guest_log_rate: int | None = 100000):
         self._records: list[dict] = []
         self._pos = 0
         self.num_queues = num_queues
         # Every malformed request must leave its log line here: lift the rate
         # limit on guest-triggered warnings (its default protects production logs).
-        super().__init__(tmp, [*args, "--guest-log-rate", "100000"], socket_path)
+        # None keeps the production default.
+        rate = [] if guest_log_rate is None else ["--guest-log-rate", str(guest_log_rate)]
+        super().__init__(tmp, [*args, *rate], socket_path)
 
     # -- log
     def log_records(self) -> list[dict]:
@@ -139,6 +142,21 @@ class HostileDaemon(Daemon):
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def workers(self) -> list[int]:
+        """Pids of the current worker processes."""
+        return [p for p in self.pids() if p != self.pid]
+
+    def worker_deaths(self) -> list[dict]:
+        return [r for r in self.log_records() if r.get("event") == "worker_died"]
+
+    def assert_workers_intact(self, workers: list[int], deaths: int, what: str = "") -> None:
+        """No worker died or was replaced since ``workers`` / ``deaths`` were taken:
+        nothing a guest or a front end does may kill or hang a worker."""
+        died = self.worker_deaths()[deaths:]
+        assert not died, f"{what}: a worker died: {died}\n{self.tail()}"
+        assert sorted(self.workers()) == sorted(workers), (
+            f"{what}: workers replaced: {workers} -> {self.workers()}")
 
     def snapshot(self) -> dict[int, int]:
         """fd counts of the supervisor and each worker (taken while no front end is connected)."""

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.timeout(90)
 
 
 def test_killed_worker_is_contained(make_daemon):
-    d = make_daemon(num_queues=3)
+    d = make_daemon(num_queues=3, kills_workers=True)
     pids = d.worker_pids()
     assert len(set(pids)) == 3
     g = Guest(d)
@@ -52,8 +52,44 @@ def test_killed_worker_is_contained(make_daemon):
     check_serves(d, queues=[2, 4])
 
 
+@pytest.mark.parametrize("action,opcode", [("crash", 0xC0), ("hang", 0xC1)])
+def test_request_that_kills_its_worker_twice_is_quarantined(make_daemon, monkeypatch,
+                                                            action, opcode):
+    """A request that was in flight when its worker died twice (a crash, or a
+    hang the heartbeat ends) is failed with HARDWARE ERROR instead of replayed a
+    third time; every queue keeps serving and the daemon never exits. The test-only
+    hook VSCSID_TEST_POISON stands in for such a command."""
+    monkeypatch.setenv("VSCSID_TEST_POISON", f"{action}:{opcode:#x}")
+    d = make_daemon("--heartbeat-timeout", "2", num_queues=2, kills_workers=True)
+    g = Guest(d)
+    try:
+        mark = d.mark()
+        cdb = bytes([opcode]) + bytes(9)
+        h = g.submit(cdb, queue=2)
+        # Meanwhile the other queue serves as ever.
+        payload = os.urandom(4096)
+        assert g.command(vs.write10(64, 8), queue=3, data_out=payload).response.ok
+        g.wait(h, queue=2, timeout=60)
+        r = h.response
+        assert r.response == vs.VIRTIO_SCSI_S_OK and r.status == 0x02, r
+        s = vs.parse_sense(r.sense)
+        assert (s.key, s.asc, s.ascq) == (0x04, 0x44, 0x00), s
+        deaths = d.since(mark, "worker_died")
+        assert [x["queue"] for x in deaths] == [0, 0], deaths
+        rec = d.wait_since(mark, "request_quarantined")
+        assert rec["cdb"].startswith(f"{opcode:02x}") and rec["lun"] == 0, rec
+        # The queue that lost two workers serves again; the daemon never stopped.
+        for qi in (2, 3):
+            assert g.command(vs.read10(64, 8), queue=qi, data_in_len=4096).data_in == payload
+        assert d.alive() and not d.since(mark, "stopped")
+        assert not d.since(mark, "worker_failing_repeatedly")
+    finally:
+        g.close_and_wait()
+    check_serves(d)
+
+
 def test_worker_killed_under_load_then_front_end_leaves(make_daemon):
-    d = make_daemon(num_queues=2)
+    d = make_daemon(num_queues=2, kills_workers=True)
     pids = d.worker_pids()
     g = Guest(d)
     stop = threading.Event()

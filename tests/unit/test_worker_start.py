@@ -1,0 +1,72 @@
+"""A ring that cannot start keeps nothing: the worker (in-process, over its real
+control channel) closes the kick and call fds it was handed and unmaps the
+inflight region when the start fails part-way."""
+from __future__ import annotations
+
+import os
+
+from vscsid import ipc
+from vscsid.config import LunSpec
+from vscsid.memory import RegionSpec
+from vscsid.supervisor import disk_info
+from vscsid.workers.worker import Worker
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def _maps(name: str) -> list[str]:
+    with open("/proc/self/maps") as f:
+        return [line for line in f if name in line]
+
+
+def _call(w: Worker, sup, msg: dict, fds=()) -> dict:
+    ipc.send(sup, msg, fds)
+    assert w._control()
+    rep, rfds = ipc.recv(sup)
+    assert not rfds
+    return rep
+
+
+def test_failed_ring_start_leaks_nothing():
+    sup, chan = ipc.socketpair()
+    w = Worker(chan)
+    try:
+        spec = LunSpec.parse("null:1M")
+        rep = _call(w, sup, {"op": "configure", "seq": 1, "engine": "c", "state_page": False,
+                             "luns": [{"lun": 0, "spec": spec.as_dict(),
+                                       "info": disk_info(spec, 0, 1 << 20)}]})
+        assert rep["ok"], rep
+        memfd = os.memfd_create("vscsid-test-guest")
+        os.ftruncate(memfd, 1 << 20)
+        region = RegionSpec(0, 1 << 20, 0x7F0000000000, 0).as_dict()
+        rep = _call(w, sup, {"op": "mem", "seq": 2, "regions": [region], "generation": 1,
+                             "max_regions": 32}, [memfd])
+        os.close(memfd)
+        assert rep["ok"], rep
+        before = _open_fds()
+        kick = os.eventfd(0, os.EFD_CLOEXEC)
+        call = os.eventfd(0, os.EFD_CLOEXEC)
+        inflight = os.memfd_create("vscsid-test-inflight")
+        os.ftruncate(inflight, 4096)
+        # An inflight region far too small for a queue of 64: the start fails after
+        # the ring was built and the region mapped.
+        ipc.send(sup, {"op": "start", "seq": 3, "size": 64, "desc": 0, "avail": 0x1000,
+                       "used": 0x2000, "last_avail": 0, "event_idx": True, "enabled": True,
+                       "has_call": True, "has_inflight": True, "has_err": False,
+                       "recover": False, "inflight_offset": 0, "inflight_size": 64},
+                 [kick, call, inflight])
+        for fd in (kick, call, inflight):
+            os.close(fd)
+        assert w._control()
+        rep, _ = ipc.recv(sup)
+        assert not rep["ok"] and "too small" in rep["error"], rep
+        assert _open_fds() <= before, "the failed start kept fds"
+        assert not _maps("vscsid-test-inflight"), "the failed start kept the inflight mapping"
+        assert not w.started and w.queue is None and w.cq is None
+    finally:
+        w.close()
+        sup.close()
+        chan.close()
+

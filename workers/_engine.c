@@ -265,7 +265,7 @@ int vsd_claim(struct vsd_queue *q, uint16_t head)
 /* Stage a used element for a head being served. Returns -1 (and writes
  * nothing) for a head that is not BUSY: nothing can be completed twice, and
  * the staged entries never exceed the queue size. */
-int vsd_push(struct vsd_queue *q, uint16_t head, uint32_t written)
+static int push(struct vsd_queue *q, uint16_t head, uint32_t written)
 {
     uint8_t *e;
     if (head >= q->size || q->hstate[head] != VSD_HEAD_BUSY || q->ncompleted >= q->size)
@@ -277,6 +277,17 @@ int vsd_push(struct vsd_queue *q, uint16_t head, uint32_t written)
     q->hstate[head] = VSD_HEAD_DONE;
     q->completed[q->ncompleted++] = head;
     return 0;
+}
+
+static int async_active(struct vsd_queue *q, uint16_t head);
+
+/* The reference path completes a head it served: never one whose I/O the
+ * engine has in flight (its completion would later land on a reused head). */
+int vsd_push(struct vsd_queue *q, uint16_t head, uint32_t written)
+{
+    if (async_active(q, head))
+        return -1;
+    return push(q, head, written);
 }
 
 /* Publish pushed entries; clear them in the inflight region; signal if wanted.
@@ -482,6 +493,11 @@ fail:
     return NULL;
 }
 
+static int async_active(struct vsd_queue *q, uint16_t head)
+{
+    return q->uring && head < q->uring->nheads && q->uring->ios[head].active;
+}
+
 /* Free submission slots (prepared but unconsumed SQEs count as used). */
 static inline unsigned sq_space(struct vsd_uring *u)
 {
@@ -650,7 +666,7 @@ done:
     else
         q->st_bytes_in += bytes;
     q->st_fast++;
-    vsd_push(q, head, resp_len + (is_write ? 0 : (uint32_t)bytes));
+    push(q, head, resp_len + (is_write ? 0 : (uint32_t)bytes));
     return 1;
 
 async: {
@@ -753,7 +769,7 @@ static int reap(struct vsd_queue *q, uint16_t *slow, int *nslow, int max_slow)
                 else
                     q->st_bytes_in += io->expect;
                 q->st_fast++;
-                if (vsd_push(q, h, io->written) == 0)
+                if (push(q, h, io->written) == 0)
                     done++;
             } else {
                 slow[(*nslow)++] = h;

@@ -1,6 +1,7 @@
 """The engine's C internals under AddressSanitizer and UBSan: io_uring submission
-accounting after a short io_uring_enter, and the head-state bookkeeping
-(tests/c/engine_selftest.c includes workers/_engine.c whole)."""
+accounting after a short io_uring_enter, the head-state bookkeeping, and each
+descriptor read from guest memory once (tests/c/engine_selftest.c includes
+workers/_engine.c whole)."""
 from __future__ import annotations
 
 import shutil
@@ -25,7 +26,7 @@ def selftest(tmp_path_factory):
     return exe
 
 
-@pytest.mark.parametrize("case", ["short_submit", "head_states"])
+@pytest.mark.parametrize("case", ["short_submit", "head_states", "read_once"])
 def test_engine_internals(selftest, case):
     r = subprocess.run([str(selftest)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr

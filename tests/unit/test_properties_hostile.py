@@ -115,12 +115,15 @@ def in_memory(gpa: int, n: int) -> bool:
     return B_GPA <= gpa and end <= C_GPA + C_SIZE
 
 
-def ref_walk(g: Guest, size: int, head: int):
-    """Spec-derived walker: list of (gpa, len, writable) or None for a refused chain."""
+def ref_walk(g: Guest, size: int, head: int, after_read=None):
+    """Spec-derived walker: list of (gpa, len, writable) or None for a refused chain.
+    ``after_read(gpa)`` is called after each descriptor is read (an adversary)."""
     table_gpa, limit, i, count, indirect = DESC_GPA, size, head, 0, False
     segs, seen_write = [], False
     while True:
         raw = g.read(table_gpa + 16 * i, 16)
+        if after_read is not None:
+            after_read(table_gpa + 16 * i)
         addr, ln, flags, nxt = struct.unpack("<QIHH", raw)
         if flags & V.VIRTQ_DESC_F_INDIRECT:
             if indirect or count or flags & V.VIRTQ_DESC_F_NEXT or ln == 0 or ln % 16:

@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"vscsid {__version__}")
     src = p.add_argument_group("vhost-user socket")
     src.add_argument("--socket-path", metavar="PATH", help="listen on this unix socket (created)")
-    src.add_argument("--fd", type=int, metavar="N", help="use the inherited listening socket fd N")
+    src.add_argument("--fd", metavar="N|systemd",
+                     help="use the inherited listening socket fd N; 'systemd': the one socket "
+                          "passed by socket activation (LISTEN_FDS/LISTEN_PID, sd_listen_fds(3))")
     src.add_argument("--print-capabilities", action="store_true",
                      help="print the back-end capabilities as JSON and exit")
     src.add_argument("--socket-mode", default="0600", metavar="MODE",
@@ -136,6 +138,31 @@ def _affinity(spec: str | None) -> tuple[tuple[int, ...], ...]:
         raise ConfigError(str(exc)) from None
 
 
+def _listen_fd(value: str | None) -> int | None:
+    """``--fd N`` or ``--fd systemd`` (the single socket passed by socket activation)."""
+    if value is None:
+        return None
+    if value == "systemd":
+        from .systemd import listen_fds
+
+        fds = listen_fds()      # also removes LISTEN_* from the environment the workers inherit
+        if not fds:
+            raise ConfigError("--fd systemd: no socket was passed to this process "
+                              "(LISTEN_PID/LISTEN_FDS unset or meant for another process)")
+        if len(fds) != 1:
+            raise ConfigError(f"--fd systemd: {len(fds)} sockets were passed, exactly one is "
+                              "expected (one ListenStream= in the .socket unit)")
+        return fds[0]
+    try:
+        fd = int(value)
+    except ValueError:
+        raise ConfigError(f"--fd {value!r} is neither a file descriptor number nor "
+                          "'systemd'") from None
+    if fd < 0:
+        raise ConfigError("--fd must be a non-negative file descriptor")
+    return fd
+
+
 def ensure_default_image(path: str, size: int = DEFAULT_IMAGE_SIZE) -> None:
     """Create the embedded default LUN: a sparse file (no blocks allocated)."""
     if os.path.exists(path):
@@ -168,10 +195,8 @@ def parse_config(argv: list[str] | None) -> tuple[DaemonConfig, argparse.Namespa
         specs = (LunSpec(path=args.default_image),)
     for spec in specs:
         check_lun_path(spec)
-    if args.fd is not None and args.fd < 0:
-        raise ConfigError("--fd must be a non-negative file descriptor")
     cfg = DaemonConfig(
-        socket_path=args.socket_path, listen_fd=args.fd, luns=specs, num_queues=args.num_queues,
+        socket_path=args.socket_path, listen_fd=_listen_fd(args.fd), luns=specs, num_queues=args.num_queues,
         queue_size=args.queue_size, log_format=args.log_format, log_level=args.log_level,
         socket_mode=mode, socket_owner=_uid(args.socket_owner),
         socket_group=_gid(args.socket_group), engine=args.engine,

@@ -145,9 +145,23 @@ class OsOps:
         return sock
 
     def socket_from_fd(self, fd: int) -> socket.socket:
-        sock = socket.socket(fileno=fd)
-        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-            raise SocketPathError(f"fd {fd} is not a unix stream socket")
+        """The inherited listening socket ``fd`` (``--fd``, socket activation).
+
+        It must be a listening AF_UNIX stream socket; it is made close-on-exec.
+        """
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            raise SocketPathError(f"fd {fd}: {exc.strerror or exc}") from None
+        try:
+            if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+                raise SocketPathError(f"fd {fd} is not a unix stream socket")
+            if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                raise SocketPathError(f"fd {fd} is a unix stream socket that is not listening")
+        except BaseException:
+            sock.detach()        # not ours to close
+            raise
+        sock.set_inheritable(False)
         return sock
 
     def unlink(self, path: str) -> None:

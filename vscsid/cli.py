@@ -281,7 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     sup = Supervisor(cfg, listener, luns, ops, stats_interval=args.stats_interval, policy=policy)
     sup.early_signals = early
     try:
-        return uvloop.run(sup.run())
+        # asyncio.Runner with uvloop's loop is what uvloop.run() (uvloop >= 0.18) does;
+        # Debian 12 ships uvloop 0.17, which has no run().
+        import asyncio
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(sup.run())
     except KeyboardInterrupt:
         return EXIT_OK
 

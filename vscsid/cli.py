@@ -35,7 +35,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vscsid", description="vhost-user SCSI device daemon: serves virtio-scsi "
-                "disks backed by files or block devices to QEMU guests.")
+                "disks backed by files or block devices to QEMU guests.",
+                epilog="`vscsid demo` boots a small Linux guest on a temporary daemon and shows "
+                       "what the guest sees (see `vscsid demo --help`).")
     p.add_argument("--version", action="version", version=f"vscsid {__version__}")
     src = p.add_argument_group("vhost-user socket")
     src.add_argument("--socket-path", metavar="PATH", help="listen on this unix socket (created)")
@@ -213,6 +215,11 @@ def parse_config(argv: list[str] | None) -> tuple[DaemonConfig, argparse.Namespa
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:
+        from .demo import main as demo_main
+
+        return demo_main(argv[1:])
     try:
         cfg, args = parse_config(argv)
     except ConfigError as exc:

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
         with open(log, "wb") as logf:
             daemon = subprocess.Popen(
-                [sys.executable, "-m", "vscsid.cli", "--socket-path", str(sock),
+                [sys.executable, "-P", "-m", "vscsid.cli", "--socket-path", str(sock),
                  "--default-image", str(image), "--num-queues", str(args.num_queues),
                  "--log-format", "json", "--quiet"],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT)

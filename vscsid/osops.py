@@ -34,7 +34,9 @@ class OsOps:
     # -- processes
     def spawn_worker(self, queue: int, ctl_fd: int, *, log_format: str, log_level: str,
                      python: str | None = None) -> int:
-        argv = [python or sys.executable, "-m", "vscsid.workers", "--ctl-fd", str(ctl_fd),
+        # -P: the worker imports the same vscsid as the supervisor, never a vscsid/ folder
+        # that happens to be in the daemon's working directory (a source checkout).
+        argv = [python or sys.executable, "-P", "-m", "vscsid.workers", "--ctl-fd", str(ctl_fd),
                 "--queue", str(queue), "--log-format", log_format, "--log-level", log_level,
                 "--parent-pid", str(os.getpid())]
         proc = subprocess.Popen(argv, pass_fds=(ctl_fd,), close_fds=True,

@@ -198,8 +198,11 @@ def run_guest_checks(
     workdir: str | Path | None = None,
     extra_args: Sequence[str] = (),
     extra_files: Mapping[str, bytes | str | Path] | None = None,
+    guest_kw: Mapping[str, Any] | None = None,
 ) -> GuestResults:
     """Boot a guest, run ``script`` (default disk_checks.sh) against ``disks``, return its results.
+
+    ``guest_kw``: more :class:`Guest` arguments (``qemu=``, ``reconnect=``, ...).
 
     ``socket_path`` given: the disks come from a vhost-user-scsi back end
     listening there (vscsid; start it first, e.g. with :func:`vscsid_argv`) --
@@ -224,7 +227,7 @@ def run_guest_checks(
         sockets = [socket_path] if isinstance(socket_path, (str, Path)) else list(socket_path)
     g = Guest(initramfs=initramfs, script=script, env=full_env, extra_files=files, disks=disks,
               vhost_user_sockets=sockets, queues=queues, smp=smp, mem_mb=mem_mb, workdir=workdir,
-              extra_args=extra_args)
+              extra_args=extra_args, **(guest_kw or {}))
     with g:
         res = g.wait(timeout)
     res.disks = disks

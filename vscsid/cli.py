@@ -104,6 +104,7 @@ def qemu_hint(socket_path: str, num_queues: int) -> str:
         f"    -chardev socket,id=vscsi0,path={socket_path} \\\n"
         f"    -device vhost-user-scsi-pci,chardev=vscsi0,num_queues={num_queues} \\\n"
         "    ...your kernel/disk options...\n"
+        "(`vscsid demo` boots a small guest on a temporary daemon to show it working.)\n"
     )
 
 

@@ -35,11 +35,15 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vscsid", description="vhost-user SCSI device daemon: serves virtio-scsi "
-                "disks backed by files or block devices to QEMU guests.")
+                "disks backed by files or block devices to QEMU guests.",
+                epilog="`vscsid demo` boots a small Linux guest on a temporary daemon and shows "
+                       "what the guest sees (see `vscsid demo --help`).")
     p.add_argument("--version", action="version", version=f"vscsid {__version__}")
     src = p.add_argument_group("vhost-user socket")
     src.add_argument("--socket-path", metavar="PATH", help="listen on this unix socket (created)")
-    src.add_argument("--fd", type=int, metavar="N", help="use the inherited listening socket fd N")
+    src.add_argument("--fd", metavar="N|systemd",
+                     help="use the inherited listening socket fd N; 'systemd': the one socket "
+                          "passed by socket activation (LISTEN_FDS/LISTEN_PID, sd_listen_fds(3))")
     src.add_argument("--print-capabilities", action="store_true",
                      help="print the back-end capabilities as JSON and exit")
     src.add_argument("--socket-mode", default="0600", metavar="MODE",
@@ -100,6 +104,7 @@ def qemu_hint(socket_path: str, num_queues: int) -> str:
         f"    -chardev socket,id=vscsi0,path={socket_path} \\\n"
         f"    -device vhost-user-scsi-pci,chardev=vscsi0,num_queues={num_queues} \\\n"
         "    ...your kernel/disk options...\n"
+        "(`vscsid demo` boots a small guest on a temporary daemon to show it working.)\n"
     )
 
 
@@ -136,6 +141,31 @@ def _affinity(spec: str | None) -> tuple[tuple[int, ...], ...]:
         raise ConfigError(str(exc)) from None
 
 
+def _listen_fd(value: str | None) -> int | None:
+    """``--fd N`` or ``--fd systemd`` (the single socket passed by socket activation)."""
+    if value is None:
+        return None
+    if value == "systemd":
+        from .systemd import listen_fds
+
+        fds = listen_fds()      # also removes LISTEN_* from the environment the workers inherit
+        if not fds:
+            raise ConfigError("--fd systemd: no socket was passed to this process "
+                              "(LISTEN_PID/LISTEN_FDS unset or meant for another process)")
+        if len(fds) != 1:
+            raise ConfigError(f"--fd systemd: {len(fds)} sockets were passed, exactly one is "
+                              "expected (one ListenStream= in the .socket unit)")
+        return fds[0]
+    try:
+        fd = int(value)
+    except ValueError:
+        raise ConfigError(f"--fd {value!r} is neither a file descriptor number nor "
+                          "'systemd'") from None
+    if fd < 0:
+        raise ConfigError("--fd must be a non-negative file descriptor")
+    return fd
+
+
 def ensure_default_image(path: str, size: int = DEFAULT_IMAGE_SIZE) -> None:
     """Create the embedded default LUN: a sparse file (no blocks allocated)."""
     if os.path.exists(path):
@@ -168,10 +198,8 @@ def parse_config(argv: list[str] | None) -> tuple[DaemonConfig, argparse.Namespa
         specs = (LunSpec(path=args.default_image),)
     for spec in specs:
         check_lun_path(spec)
-    if args.fd is not None and args.fd < 0:
-        raise ConfigError("--fd must be a non-negative file descriptor")
     cfg = DaemonConfig(
-        socket_path=args.socket_path, listen_fd=args.fd, luns=specs, num_queues=args.num_queues,
+        socket_path=args.socket_path, listen_fd=_listen_fd(args.fd), luns=specs, num_queues=args.num_queues,
         queue_size=args.queue_size, log_format=args.log_format, log_level=args.log_level,
         socket_mode=mode, socket_owner=_uid(args.socket_owner),
         socket_group=_gid(args.socket_group), engine=args.engine,
@@ -188,6 +216,11 @@ def parse_config(argv: list[str] | None) -> tuple[DaemonConfig, argparse.Namespa
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:
+        from .demo import main as demo_main
+
+        return demo_main(argv[1:])
     try:
         cfg, args = parse_config(argv)
     except ConfigError as exc:
@@ -256,7 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     sup = Supervisor(cfg, listener, luns, ops, stats_interval=args.stats_interval, policy=policy)
     sup.early_signals = early
     try:
-        return uvloop.run(sup.run())
+        # asyncio.Runner with uvloop's loop is what uvloop.run() (uvloop >= 0.18) does;
+        # Debian 12 ships uvloop 0.17, which has no run().
+        import asyncio
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(sup.run())
     except KeyboardInterrupt:
         return EXIT_OK
 

@@ -34,7 +34,9 @@ class OsOps:
     # -- processes
     def spawn_worker(self, queue: int, ctl_fd: int, *, log_format: str, log_level: str,
                      python: str | None = None) -> int:
-        argv = [python or sys.executable, "-m", "vscsid.workers", "--ctl-fd", str(ctl_fd),
+        # -P: the worker imports the same vscsid as the supervisor, never a vscsid/ folder
+        # that happens to be in the daemon's working directory (a source checkout).
+        argv = [python or sys.executable, "-P", "-m", "vscsid.workers", "--ctl-fd", str(ctl_fd),
                 "--queue", str(queue), "--log-format", log_format, "--log-level", log_level,
                 "--parent-pid", str(os.getpid())]
         proc = subprocess.Popen(argv, pass_fds=(ctl_fd,), close_fds=True,
@@ -145,9 +147,23 @@ class OsOps:
         return sock
 
     def socket_from_fd(self, fd: int) -> socket.socket:
-        sock = socket.socket(fileno=fd)
-        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-            raise SocketPathError(f"fd {fd} is not a unix stream socket")
+        """The inherited listening socket ``fd`` (``--fd``, socket activation).
+
+        It must be a listening AF_UNIX stream socket; it is made close-on-exec.
+        """
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            raise SocketPathError(f"fd {fd}: {exc.strerror or exc}") from None
+        try:
+            if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+                raise SocketPathError(f"fd {fd} is not a unix stream socket")
+            if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                raise SocketPathError(f"fd {fd} is a unix stream socket that is not listening")
+        except BaseException:
+            sock.detach()        # not ours to close
+            raise
+        sock.set_inheritable(False)
         return sock
 
     def unlink(self, path: str) -> None:

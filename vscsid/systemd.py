@@ -17,18 +17,22 @@ Typical use in the supervisor::
     ...
     systemd.stopping()                                       # on SIGTERM, before draining
 
+Socket activation (``sd_listen_fds(3)``) is :func:`listen_fds`: the sockets a
+``.socket`` unit passed, starting at fd 3, when ``$LISTEN_PID`` names this process.
+
 The unit needs ``Type=notify`` (and ``NotifyAccess=main``, the default, since
 only the supervisor notifies) and optionally ``WatchdogSec=``.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import time
 
 __all__ = [
     "notify", "ready", "status", "stopping", "reloading", "watchdog_ping", "watchdog_interval",
-    "notify_socket_address",
+    "notify_socket_address", "listen_fds", "SD_LISTEN_FDS_START",
 ]
 
 
@@ -128,3 +132,38 @@ def watchdog_interval() -> float | None:
         except ValueError:
             return None
     return timeout / 2 / 1_000_000
+
+
+#: The first file descriptor systemd passes (``SD_LISTEN_FDS_START`` in sd-daemon.h).
+SD_LISTEN_FDS_START = 3
+
+_LISTEN_VARS = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+
+
+def listen_fds(unset_environment: bool = True) -> list[int]:
+    """The file descriptors passed by socket activation, as ``sd_listen_fds(3)`` returns them.
+
+    ``$LISTEN_FDS`` fds starting at :data:`SD_LISTEN_FDS_START`, but only when
+    ``$LISTEN_PID`` is this process (the variables are inherited by whatever we
+    spawn, and are not meant for it).  Each fd is marked close-on-exec.  With
+    ``unset_environment`` the variables are removed from ``os.environ`` either
+    way, so child processes (the workers) never see them.  Returns [] when
+    nothing was passed to this process.
+    """
+    pid, count = os.environ.get("LISTEN_PID"), os.environ.get("LISTEN_FDS")
+    if unset_environment:
+        for name in _LISTEN_VARS:
+            os.environ.pop(name, None)
+    try:
+        if pid is None or count is None or int(pid) != os.getpid():
+            return []
+        n = int(count)
+    except ValueError:
+        return []
+    fds = list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + max(0, n)))
+    for fd in fds:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.fcntl(fd, fcntl.F_GETFD) | fcntl.FD_CLOEXEC)
+        except OSError:
+            pass               # not open: the caller's use of it reports EBADF
+    return fds

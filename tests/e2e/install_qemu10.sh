@@ -14,7 +14,7 @@
 #       and firmware first; QEMU 10's linuxboot/pvh ROMs must match the binary)
 #   QEMU_MODULE_DIR=PREFIX/root/usr/lib/x86_64-linux-gnu/qemu (never load 7.2's modules)
 # The e2e harness finds it through $VSCSID_QEMU10 or that default path
-# (tests/e2e/guest.py: find_qemu(min_version=(8, 2))).
+# (vscsid/guestkit.py: find_qemu(min_version=(8, 2))).
 #
 # Idempotent: exits at once when PREFIX already holds a working QEMU >= 8.2 (set
 # VSCSID_QEMU10_FORCE=1 to reinstall).  Versions: the bookworm-backports candidates;

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from vscsid import guestkit as K
+
 from . import guest as G
 
 
@@ -24,7 +26,7 @@ def _fake_qemu(path: Path, version: str) -> str:
 def fake_qemus(tmp_path, monkeypatch):
     old = _fake_qemu(tmp_path / "qemu72", "7.2.22")
     new = _fake_qemu(tmp_path / "qemu10", "10.0.2")
-    monkeypatch.setattr(G, "DEFAULT_QEMU10", str(tmp_path / "missing"))
+    monkeypatch.setattr(K, "DEFAULT_QEMU10", str(tmp_path / "missing"))
     monkeypatch.delenv("VSCSID_QEMU10", raising=False)
     monkeypatch.setenv("VSCSID_E2E_QEMU", old)
     return old, new
@@ -48,7 +50,7 @@ def test_find_qemu_by_version(fake_qemus, monkeypatch):
     assert G.find_qemu() == old
     assert G.qemu_skip_reason((8, 2)) is None
     monkeypatch.delenv("VSCSID_QEMU10")
-    monkeypatch.setattr(G, "DEFAULT_QEMU10", new)
+    monkeypatch.setattr(K, "DEFAULT_QEMU10", new)
     assert G.find_qemu(min_version=(8, 2)) == new
 
 

@@ -1,7 +1,8 @@
 """Build glue that pyproject.toml cannot express.
 
-* ``cffi_modules`` builds the data plane's C helpers (memory fences, the ring
-  fast path) as an out-of-line API-mode extension, ``vscsid.workers._fast``.
+* ``cffi_modules`` builds the C parts as out-of-line API-mode extensions: the
+  shared virtio layer's helpers (fences, SIGBUS guard), ``vscsid.virtio._ring``;
+  the data-plane engine, ``vscsid.workers._fast``; the benchmark's driver loop.
 * The top-level ``workers/`` folder is installed as ``vscsid.workers`` (see
   ``package-dir`` in pyproject.toml); its sub-packages are listed here.
 """
@@ -23,6 +24,7 @@ def _packages(root: str, name: str) -> list[str]:
 
 setup(
     packages=_packages("vscsid", "vscsid") + _packages("workers", "vscsid.workers"),
-    cffi_modules=["workers/_fast_build.py:ffibuilder",
+    cffi_modules=["vscsid/virtio/_build.py:ffibuilder",
+                  "workers/_fast_build.py:ffibuilder",
                   "vscsid/client/_bench_build.py:ffibuilder"],
 )

@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                pid=os.getpid())
     import faulthandler
 
-    from .memory import install_fault_guard
+    from .virtio.memory import install_fault_guard
 
     faulthandler.enable()
     install_fault_guard()

@@ -25,42 +25,20 @@ from . import log as vlog
 from .device import RingState
 from .workerpool import WorkerGone
 
-from vscsid.workers.request import (
-    LUN_BAD_TARGET, S_BAD_TARGET, S_FUNCTION_REJECTED, S_FUNCTION_SUCCEEDED, S_OK,
-    WLUN_REPORT_LUNS, decode_lun, gather, scatter,
+from .virtio.scsi_wire import (
+    AN_REQ, AN_RESP, CTRL_TYPE, LUN_BAD_TARGET, TMF_NAMES, TMF_REQ, VIRTIO_SCSI_S_BAD_TARGET,
+    VIRTIO_SCSI_S_FUNCTION_REJECTED, VIRTIO_SCSI_S_FUNCTION_SUCCEEDED, VIRTIO_SCSI_S_OK,
+    VIRTIO_SCSI_T_AN_QUERY, VIRTIO_SCSI_T_AN_SUBSCRIBE, VIRTIO_SCSI_T_TMF,
+    VIRTIO_SCSI_T_TMF_CLEAR_ACA, VIRTIO_SCSI_T_TMF_I_T_NEXUS_RESET, VIRTIO_SCSI_T_TMF_QUERY_TASK,
+    VIRTIO_SCSI_T_TMF_QUERY_TASK_SET, WLUN_REPORT_LUNS, decode_lun, gather, scatter,
 )
-from vscsid.workers.virtqueue import ChainError, RingError, SplitQueue
+from .virtio.splitq import ChainError, RingError, SplitQueue
 
 if TYPE_CHECKING:
     from .supervisor import Session
 
-CTRL_TYPE = struct.Struct("<I")
-TMF_REQ = struct.Struct("<II8sQ")        # type, subtype, lun, id
-AN_REQ = struct.Struct("<I8sI")          # type, lun, event_requested
-AN_RESP = struct.Struct("<IB")           # event_actual, response
-
 #: control requests served before the supervisor's event loop gets a turn
 CONTROL_BUDGET = 64
-
-T_TMF = 0
-T_AN_QUERY = 1
-T_AN_SUBSCRIBE = 2
-
-TMF_ABORT_TASK = 0
-TMF_ABORT_TASK_SET = 1
-TMF_CLEAR_ACA = 2
-TMF_CLEAR_TASK_SET = 3
-TMF_I_T_NEXUS_RESET = 4
-TMF_LOGICAL_UNIT_RESET = 5
-TMF_QUERY_TASK = 6
-TMF_QUERY_TASK_SET = 7
-
-TMF_NAMES = {
-    TMF_ABORT_TASK: "abort_task", TMF_ABORT_TASK_SET: "abort_task_set",
-    TMF_CLEAR_ACA: "clear_aca", TMF_CLEAR_TASK_SET: "clear_task_set",
-    TMF_I_T_NEXUS_RESET: "i_t_nexus_reset", TMF_LOGICAL_UNIT_RESET: "logical_unit_reset",
-    TMF_QUERY_TASK: "query_task", TMF_QUERY_TASK_SET: "query_task_set",
-}
 
 
 class _Ring:
@@ -177,7 +155,7 @@ class ControlQueues:
         self._task = self.loop.create_task(self._run())
 
     async def _run(self) -> None:
-        from .memory import fault_count
+        from .virtio.memory import fault_count
 
         before = fault_count()
         try:
@@ -262,7 +240,7 @@ class ControlQueues:
             self._guest_warning("control_request_too_short", readable=chain.out_len)
             return 0
         kind = CTRL_TYPE.unpack(gather(chain.out, 4))[0]
-        if kind == T_TMF:
+        if kind == VIRTIO_SCSI_T_TMF:
             if chain.out_len < TMF_REQ.size or chain.in_len < 1:
                 self.stats["bad"] += 1
                 self._guest_warning("tmf_request_too_short", readable=chain.out_len,
@@ -273,7 +251,7 @@ class ControlQueues:
             scatter(chain.in_, bytes([response]))
             self.stats["tmf"] += 1
             return 1
-        if kind in (T_AN_QUERY, T_AN_SUBSCRIBE):
+        if kind in (VIRTIO_SCSI_T_AN_QUERY, VIRTIO_SCSI_T_AN_SUBSCRIBE):
             if chain.out_len < AN_REQ.size or chain.in_len < AN_RESP.size:
                 self.stats["bad"] += 1
                 self._guest_warning("an_request_too_short", readable=chain.out_len,
@@ -281,11 +259,11 @@ class ControlQueues:
                 return 0
             _t, lun, requested = AN_REQ.unpack(gather(chain.out, AN_REQ.size))
             number = decode_lun(lun)
-            response = S_BAD_TARGET if number == LUN_BAD_TARGET else S_OK
+            response = VIRTIO_SCSI_S_BAD_TARGET if number == LUN_BAD_TARGET else VIRTIO_SCSI_S_OK
             scatter(chain.in_, AN_RESP.pack(0, response))
             self.stats["an"] += 1
             self.glog.info("async_notification_request",
-                          kind="query" if kind == T_AN_QUERY else "subscribe",
+                          kind="query" if kind == VIRTIO_SCSI_T_AN_QUERY else "subscribe",
                           requested=hex(requested), supported=0)
             return AN_RESP.size
         self.stats["bad"] += 1
@@ -299,11 +277,11 @@ class ControlQueues:
         if number == LUN_BAD_TARGET or (number != WLUN_REPORT_LUNS
                                         and number >= len(sup.luns.specs)):
             self.glog.warning("tmf_bad_lun", tmf=name, lun=lun_bytes.hex())
-            return S_BAD_TARGET
-        if subtype not in TMF_NAMES or subtype == TMF_CLEAR_ACA:
+            return VIRTIO_SCSI_S_BAD_TARGET
+        if subtype not in TMF_NAMES or subtype == VIRTIO_SCSI_T_TMF_CLEAR_ACA:
             self.glog.warning("tmf_rejected", tmf=name, lun=number)
-            return S_FUNCTION_REJECTED
-        scope_lun = None if subtype == TMF_I_T_NEXUS_RESET else number
+            return VIRTIO_SCSI_S_FUNCTION_REJECTED
+        scope_lun = None if subtype == VIRTIO_SCSI_T_TMF_I_T_NEXUS_RESET else number
         # Every worker answers only after finishing what it was doing, and says
         # whether a matching command is still in flight (queued I/O).
         found = False
@@ -317,6 +295,6 @@ class ControlQueues:
                 continue
             found = found or bool(rep.get("found"))
         self.glog.info("task_management", tmf=name, lun=number, tag=tag, found=found)
-        if subtype in (TMF_QUERY_TASK, TMF_QUERY_TASK_SET):
-            return S_FUNCTION_SUCCEEDED if found else S_OK
-        return S_OK
+        if subtype in (VIRTIO_SCSI_T_TMF_QUERY_TASK, VIRTIO_SCSI_T_TMF_QUERY_TASK_SET):
+            return VIRTIO_SCSI_S_FUNCTION_SUCCEEDED if found else VIRTIO_SCSI_S_OK
+        return VIRTIO_SCSI_S_OK

@@ -17,32 +17,15 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from vscsid.workers.request import DEFAULT_CDB_SIZE, DEFAULT_SENSE_SIZE
-
 from .protocol import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature, feature_mask
-
-# virtio feature bits
-VIRTIO_SCSI_F_INOUT = 0
-VIRTIO_SCSI_F_HOTPLUG = 1
-VIRTIO_SCSI_F_CHANGE = 2
-VIRTIO_SCSI_F_T10_PI = 3
-VIRTIO_F_NOTIFY_ON_EMPTY = 24
-VIRTIO_F_ANY_LAYOUT = 27
-VIRTIO_RING_F_INDIRECT_DESC = 28
-VIRTIO_RING_F_EVENT_IDX = 29
-VIRTIO_F_VERSION_1 = 32
-
-CONTROL_QUEUE = 0
-EVENT_QUEUE = 1
-FIRST_REQUEST_QUEUE = 2
-
-# device status bits
-STATUS_ACKNOWLEDGE = 1
-STATUS_DRIVER = 2
-STATUS_DRIVER_OK = 4
-STATUS_FEATURES_OK = 8
-STATUS_NEEDS_RESET = 0x40
-STATUS_FAILED = 0x80
+from .virtio.defs import (  # noqa: F401  (re-exported for the supervisor)
+    STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+)
+from .virtio.scsi_wire import (  # noqa: F401
+    CONFIG as SCSI_CONFIG, CONFIG_SIZE, EVENT_SIZE as EVENT_INFO_SIZE, FIRST_REQUEST_QUEUE,
+    MAX_CDB_SIZE, MAX_SENSE_SIZE, VIRTIO_SCSI_CDB_DEFAULT_SIZE as DEFAULT_CDB_SIZE, VIRTIO_SCSI_F_CHANGE,
+    VIRTIO_SCSI_SENSE_DEFAULT_SIZE as DEFAULT_SENSE_SIZE,
+)
 
 OFFERED_FEATURES = feature_mask(VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
                                 VIRTIO_RING_F_EVENT_IDX, VHOST_USER_F_PROTOCOL_FEATURES)
@@ -53,14 +36,8 @@ OFFERED_PROTOCOL_FEATURES = feature_mask(
     ProtocolFeature.CONFIGURE_MEM_SLOTS,
 )
 
-# virtio-scsi config space (virtio spec 5.6.4), little endian
-SCSI_CONFIG = struct.Struct("<IIIIIIIHHI")
-CONFIG_SIZE = SCSI_CONFIG.size  # 36
 _SENSE_SIZE_OFF = 20
 _CDB_SIZE_OFF = 24
-EVENT_INFO_SIZE = 16
-MAX_SENSE_SIZE = 252
-MAX_CDB_SIZE = 252
 
 
 class Rejected(Exception):

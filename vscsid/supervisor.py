@@ -31,7 +31,7 @@ from .device import (
     DEFAULT_CDB_SIZE, DEFAULT_SENSE_SIZE,
     FIRST_REQUEST_QUEUE, STATUS_NEEDS_RESET, DeviceState, Rejected, RingState, ScsiConfig,
 )
-from .memory import GuestMemory, GuestMemoryError, RegionSpec, fault_count, seal_against_shrink
+from .virtio.memory import GuestMemory, GuestMemoryError, RegionSpec, fault_count, seal_against_shrink
 from .osops import OsOps
 from .protocol import (
     MAX_FDS, BackendCodec, ConfigPayload, Message, MemoryTable, ProtocolError,
@@ -39,7 +39,8 @@ from .protocol import (
 )
 from .protocol import error_reply
 from .protocol import Inflight as InflightPayload
-from vscsid.workers.inflight import queue_region_size
+from .virtio.defs import MAX_MEM_SLOTS, MEMORY_BASELINE_NREGIONS
+from .virtio.inflight import queue_region_size
 from .lifecycle import Action, Policy, WState
 from .workerpool import WorkerGone, WorkerHandle, describe_exit
 
@@ -472,7 +473,8 @@ class Session:
         fds = list(msg.fds)
         msg.fds = []
         try:
-            new = GuestMemory.map(specs, fds, max_regions=8, generation=self.mem_generation + 1)
+            new = GuestMemory.map(specs, fds, max_regions=MEMORY_BASELINE_NREGIONS,
+                                  generation=self.mem_generation + 1)
         except GuestMemoryError:
             for fd in fds:
                 self.ops.close(fd)
@@ -905,8 +907,6 @@ class Inflight:
 
 
 MAX_INFLIGHT_QUEUE_SIZE = 32768
-#: Memory slots offered with CONFIGURE_MEM_SLOTS (ADD_MEM_REG / REM_MEM_REG).
-MAX_MEM_SLOTS = 32
 
 
 def seal_memfd(fd: int) -> None:

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     import faulthandler
 
     faulthandler.enable()
-    from vscsid.memory import install_fault_guard
+    from vscsid.virtio.memory import install_fault_guard
 
     install_fault_guard()
     if args.parent_pid and os.getppid() != args.parent_pid:

@@ -31,46 +31,15 @@
 #include <linux/io_uring.h>
 #include <linux/fs.h>
 
+#include "virtio.h"
+#include "fences.h"
 #include "_engine.h"
 
-/* ------------------------------------------------------------------ barriers */
+/* the engine's names for the fences */
+#define mb vsd_mb
+#define rmb vsd_rmb
+#define wmb vsd_wmb
 
-static inline void mb(void)  { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-static inline void rmb(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
-static inline void wmb(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
-
-/* The same fences and atomic 16-bit accesses for the Python ring code. */
-void vq_mb(void)  { mb(); }
-void vq_rmb(void) { rmb(); }
-void vq_wmb(void) { wmb(); }
-uint16_t vq_load_u16(const uint8_t *base, size_t off)
-{
-    return __atomic_load_n((const uint16_t *)(base + off), __ATOMIC_ACQUIRE);
-}
-void vq_store_u16(uint8_t *base, size_t off, uint16_t value)
-{
-    __atomic_store_n((uint16_t *)(base + off), value, __ATOMIC_RELEASE);
-}
-
-/* Test builds (the fuzzer, the C self-tests) define VSD_HOOK to let an adversary
- * rewrite guest memory at the points where the engine has just read it. */
-#ifndef VSD_HOOK
-#define VSD_HOOK(q, what, ptr) ((void)0)
-#endif
-
-static inline uint16_t ld16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
-static inline uint32_t ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
-static inline uint64_t ld64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
-static inline void st16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
-static inline void st32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
-static inline uint16_t ld16_acq(const uint8_t *p)
-{
-    return __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE);
-}
-static inline void st16_rel(uint8_t *p, uint16_t v)
-{
-    __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE);
-}
 static inline uint32_t be32(const uint8_t *p)
 {
     return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
@@ -79,6 +48,12 @@ static inline uint64_t be64(const uint8_t *p)
 {
     return ((uint64_t)be32(p) << 32) | be32(p + 4);
 }
+
+/* Test builds (the fuzzer, the C self-tests) define VSD_HOOK to let an adversary
+ * rewrite guest memory at the points where the engine has just read it. */
+#ifndef VSD_HOOK
+#define VSD_HOOK(q, what, ptr) ((void)0)
+#endif
 
 /* ------------------------------------------------------------------ memory */
 
@@ -160,7 +135,7 @@ static int walk(struct vsd_queue *q, uint16_t head, struct chain *c)
     c->nout = c->nin = 0;
     c->out_len = c->in_len = 0;
     for (;;) {
-        const uint8_t *d = table + 16 * (size_t)i;
+        const uint8_t *d = table + VIRTQ_DESC_SIZE * (size_t)i;
         uint64_t addr = ld64(d);
         uint32_t len = ld32(d + 8);
         uint16_t flags = ld16(d + 12);
@@ -319,7 +294,7 @@ int vsd_flush(struct vsd_queue *q)
             notify = 1;
         } else {
             uint16_t ev = ld16(q->avail + 4 + 2 * (size_t)q->size);
-            notify = (uint16_t)(new_idx - ev - 1) < (uint16_t)(new_idx - old);
+            notify = need_event(ev, new_idx, old);
         }
     } else {
         notify = !(ld16(q->avail) & VIRTQ_AVAIL_F_NO_INTERRUPT);
@@ -357,7 +332,7 @@ struct vsd_io {
     uint16_t active;       /* submitted and not reaped yet */
     uint32_t written;      /* bytes to report in the used entry on success */
     uint64_t expect;       /* bytes the I/O must transfer */
-    uint8_t *resp;         /* response header (12 bytes) */
+    uint8_t *resp;         /* response header (VIRTIO_SCSI_RESP_HDR bytes) */
     int write;
     int nullio;
     struct iovec iov[VSD_MAX_IOV];
@@ -534,7 +509,7 @@ static int submit(struct vsd_uring *u)
 
 static inline void ok_response(uint8_t *resp)
 {
-    memset(resp, 0, 12);        /* sense_len 0, residual 0, qualifier 0, GOOD, VIRTIO_SCSI_S_OK */
+    memset(resp, 0, VIRTIO_SCSI_RESP_HDR);  /* sense_len 0, residual 0, qualifier 0, GOOD, S_OK */
 }
 
 static int do_sync_io(struct vsd_lun *l, int is_write, struct iovec *iov, int niov,
@@ -565,9 +540,10 @@ static int do_sync_io(struct vsd_lun *l, int is_write, struct iovec *iov, int ni
 static int fast_one(struct vsd_queue *q, uint16_t head)
 {
     static __thread struct chain c;
-    uint8_t hdr[19 + 64];
+    uint8_t hdr[VIRTIO_SCSI_REQ_HDR + 64];
     const uint8_t *h, *cdb;
-    uint32_t hdr_len = 19 + q->cdb_size, resp_len = 12 + q->sense_size;
+    uint32_t hdr_len = VIRTIO_SCSI_REQ_HDR + q->cdb_size;
+    uint32_t resp_len = VIRTIO_SCSI_RESP_HDR + q->sense_size;
     uint8_t op, flags;
     uint64_t lba, nblocks, bytes;
     struct vsd_lun *l;
@@ -577,7 +553,7 @@ static int fast_one(struct vsd_queue *q, uint16_t head)
 
     if (q->cdb_size > 64 || walk(q, head, &c))
         return 0;
-    if (c.out_len < hdr_len || c.in_len < resp_len || c.in[0].iov_len < 12)
+    if (c.out_len < hdr_len || c.in_len < resp_len || c.in[0].iov_len < VIRTIO_SCSI_RESP_HDR)
         return 0;
     /* A private copy: the guest may rewrite the header while we decode it. */
     gather(c.out, c.nout, hdr, hdr_len);
@@ -591,7 +567,7 @@ static int fast_one(struct vsd_queue *q, uint16_t head)
     l = &q->luns[lun];
     if ((l->flags & (LUN_PRESENT | LUN_FAST)) != (LUN_PRESENT | LUN_FAST))
         return 0;
-    cdb = h + 19;
+    cdb = h + VIRTIO_SCSI_REQ_HDR;
     op = cdb[0];
     flags = cdb[1];
     switch (op) {
@@ -903,95 +879,6 @@ int vsd_uring_pending(struct vsd_queue *q)
     if (!q->uring)
         return 0;
     return *q->uring->cq_head != __atomic_load_n(q->uring->cq_tail, __ATOMIC_ACQUIRE);
-}
-
-/* ------------------------------------------------------------------ SIGBUS containment
- *
- * Guest memory is a shared mapping of the front end's file. If the front end
- * truncates that file (possible when it is not sealed against shrinking),
- * every access to the lost pages raises SIGBUS, which would kill the process.
- * The handler below checks whether the faulting address lies in a registered
- * guest-memory mapping; if so it maps an anonymous zero page over the faulting
- * page and returns, so the access completes (reading zeros) and the process
- * lives. The fault is counted; the caller notices the count change and drops
- * the front end. Faults anywhere else go to the previous handler (e.g.
- * Python's faulthandler), unchanged.
- */
-#include <signal.h>
-
-#define VSD_MAX_GUARDS 128
-
-static struct { uintptr_t start, end; } vsd_guards[VSD_MAX_GUARDS];
-static volatile int vsd_nguards;
-static volatile unsigned long vsd_faults;
-static struct sigaction vsd_old_bus;
-static int vsd_installed;
-
-static void vsd_on_sigbus(int sig, siginfo_t *si, void *uctx)
-{
-    uintptr_t a = (uintptr_t)si->si_addr;
-    int i;
-    for (i = 0; i < vsd_nguards; i++) {
-        if (a >= vsd_guards[i].start && a < vsd_guards[i].end) {
-            long pg = sysconf(_SC_PAGESIZE);
-            void *page = (void *)(a & ~(uintptr_t)(pg - 1));
-            if (mmap(page, (size_t)pg, PROT_READ | PROT_WRITE,
-                     MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0) != MAP_FAILED) {
-                vsd_faults++;
-                return;
-            }
-            break;
-        }
-    }
-    /* Not guest memory (or remapping failed): behave as before we were installed. */
-    sigaction(SIGBUS, &vsd_old_bus, NULL);
-    (void)sig;
-    (void)uctx;
-}
-
-int vsd_sigbus_install(void)
-{
-    struct sigaction sa;
-    if (vsd_installed)
-        return 0;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_sigaction = vsd_on_sigbus;
-    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
-    sigemptyset(&sa.sa_mask);
-    if (sigaction(SIGBUS, &sa, &vsd_old_bus) != 0)
-        return -errno;
-    vsd_installed = 1;
-    return 0;
-}
-
-int vsd_guard_add(uint8_t *start, uint64_t len)
-{
-    int n = vsd_nguards;
-    if (n >= VSD_MAX_GUARDS)
-        return -1;
-    vsd_guards[n].start = (uintptr_t)start;
-    vsd_guards[n].end = (uintptr_t)start + len;
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    vsd_nguards = n + 1;
-    return 0;
-}
-
-void vsd_guard_remove(uint8_t *start)
-{
-    int i, n = vsd_nguards;
-    for (i = 0; i < n; i++) {
-        if (vsd_guards[i].start == (uintptr_t)start) {
-            vsd_guards[i] = vsd_guards[n - 1];
-            __atomic_thread_fence(__ATOMIC_SEQ_CST);
-            vsd_nguards = n - 1;
-            return;
-        }
-    }
-}
-
-unsigned long vsd_fault_count(void)
-{
-    return vsd_faults;
 }
 
 /* ------------------------------------------------------------------ test hook

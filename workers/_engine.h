@@ -1,38 +1,14 @@
 /*
  * The data-plane engine's interface: the one definition of its constants,
  * structures and entry points. _engine.c includes this file; cffi's cdef is
- * this same text (see _fast_build.py), so the C structs and the Python view of
- * them cannot drift apart. Plain declarations only (cffi parses them): no
- * includes, no inline code. <stdint.h> and <stddef.h> come first in C.
+ * vscsid/virtio/virtio.h followed by this same text (see _fast_build.py), so
+ * the C structs and the Python view of them cannot drift apart. Plain
+ * declarations only (cffi parses them): no includes, no inline code.
+ * <stdint.h>, <stddef.h> and virtio.h come first in C.
  */
 
-/* Guest memory regions the engine maps: the memory slots offered with
- * VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS (GET_MAX_MEM_SLOTS answers this). */
-#define VSD_MAX_REGIONS 32
 #define VSD_MAX_LUNS 256
 #define VSD_MAX_IOV 256
-
-/* split-ring flags (virtio 1.x, 2.7) */
-#define VIRTQ_DESC_F_NEXT 1
-#define VIRTQ_DESC_F_WRITE 2
-#define VIRTQ_DESC_F_INDIRECT 4
-#define VIRTQ_AVAIL_F_NO_INTERRUPT 1
-#define VIRTQ_USED_F_NO_NOTIFY 1
-
-/* The inflight region of one queue (vhost-user INFLIGHT_SHMFD, split rings):
- *   u64 features; u16 version; u16 desc_num; u16 last_batch_head; u16 used_idx;
- *   desc[desc_num]: u8 inflight; u8 padding[5]; u16 next; u64 counter;
- * vscsid uses the first padding byte of an entry to count how often the request
- * was resubmitted after its worker died (the poison-request quarantine). */
-#define VSD_INFLIGHT_HEADER 16
-#define VSD_INFLIGHT_DESC 16
-#define VSD_INFLIGHT_OFF_VERSION 8
-#define VSD_INFLIGHT_OFF_DESC_NUM 10
-#define VSD_INFLIGHT_OFF_LAST_BATCH 12
-#define VSD_INFLIGHT_OFF_USED_IDX 14
-#define VSD_INFLIGHT_E_INFLIGHT 0
-#define VSD_INFLIGHT_E_RESUBMITS 1
-#define VSD_INFLIGHT_E_COUNTER 8
 
 /* struct vsd_lun.flags */
 #define LUN_PRESENT 1
@@ -40,16 +16,6 @@
 #define LUN_NULL 4
 #define LUN_FAST 8
 #define LUN_ASYNC 16        /* serve through io_uring (O_DIRECT, injected latency) */
-
-/* The state of each descriptor head (struct vsd_queue.hstate[head]). A head is
- * BUSY from the moment it is popped (or resubmitted after a crash) until it is
- * pushed to the used ring, DONE until that used entry is published, then FREE.
- * Only a FREE head may be popped: a driver that offers a head the device still
- * holds has broken the ring. Completion bookkeeping therefore never exceeds the
- * queue size: every pushed head is a distinct DONE head. */
-#define VSD_HEAD_FREE 0
-#define VSD_HEAD_BUSY 1
-#define VSD_HEAD_DONE 2
 
 /* struct vsd_queue.broken: why the ring as a whole is unusable */
 #define VSD_BROKEN_AVAIL_JUMP 1    /* avail->idx moved by more than the queue size */
@@ -123,13 +89,6 @@ struct vsd_queue {
     uint64_t st_poll_hits, st_kicks;
 };
 
-/* memory fences and single-copy-atomic 16-bit ring accesses, for the Python ring code */
-void vq_mb(void);
-void vq_rmb(void);
-void vq_wmb(void);
-uint16_t vq_load_u16(const uint8_t *base, size_t off);
-void vq_store_u16(uint8_t *base, size_t off, uint16_t value);
-
 /* the data path */
 int vsd_run(struct vsd_queue *q, uint16_t *slow, int max_slow, int budget);
 int vsd_claim(struct vsd_queue *q, uint16_t head);
@@ -144,12 +103,6 @@ int vsd_serve(struct vsd_queue *q, int epfd, int kick_fd, int uring_fd, int time
 struct vsd_uring *vsd_uring_new(unsigned entries, int event_fd, unsigned nheads, int *err);
 void vsd_uring_free(struct vsd_uring *u);
 int vsd_uring_pending(struct vsd_queue *q);
-
-/* SIGBUS containment for guest memory */
-int vsd_sigbus_install(void);
-int vsd_guard_add(uint8_t *start, uint64_t len);
-void vsd_guard_remove(uint8_t *start);
-unsigned long vsd_fault_count(void);
 
 /* timers for the reference path (ns resolution) */
 int vsd_timerfd_create(void);

@@ -9,43 +9,55 @@ request.py / worker.py remain the readable reference for the same logic and
 serve everything the fast path does not.
 
 ``_engine.h`` is the single definition of the engine's constants, structures
-and functions: it is this module's cdef and the header the C code includes.
+and functions; the shared facts of the ring come from vscsid/virtio/virtio.h
+and its inline helpers from fences.h. virtio.h + _engine.h is this module's
+cdef; the C code includes the same files.
 
 The build is hardened (``-D_FORTIFY_SOURCE=2``, ``-fstack-protector-strong``).
 ``VSCSID_SANITIZE=address,undefined`` at build time compiles the engine with
 those sanitizers instead (CI runs the unit and hostile suites against such a
 build; the process must then be started with the ASan runtime preloaded).
 """
+import importlib.util
 import os
 from pathlib import Path
 
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-HEADER = (HERE / "_engine.h").read_text()
+VIRTIO = HERE.parent / "vscsid" / "virtio"      # the shared layer's headers
+
+
+def _shared_build():
+    """vscsid/virtio/_build.py (by path: this script runs before anything is installed)."""
+    spec = importlib.util.spec_from_file_location("_vscsid_virtio_build", VIRTIO / "_build.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_shared = _shared_build()
+hardening, header_text = _shared.hardening, _shared.header_text
 
 
 def compile_args() -> tuple[list[str], list[str]]:
     """(extra_compile_args, extra_link_args) for the engine."""
-    cflags = ["-O2", "-Wall", "-Wno-unused-function", "-fstack-protector-strong"]
-    ldflags = []
     sanitize = os.environ.get("VSCSID_SANITIZE", "").strip()
-    if sanitize:
-        cflags += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g",
-                   "-fno-sanitize-recover=undefined"]
-        ldflags += [f"-fsanitize={sanitize}"]
-    else:
-        cflags += ["-D_FORTIFY_SOURCE=2"]
-    return cflags, ldflags
+    if not sanitize:
+        return hardening(), []
+    cflags = [f for f in hardening() if not f.startswith("-D_FORTIFY_SOURCE")]
+    cflags += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g",
+               "-fno-sanitize-recover=undefined"]
+    return cflags, [f"-fsanitize={sanitize}"]
 
 
 ffibuilder = FFI()
-ffibuilder.cdef(HEADER)
+ffibuilder.cdef(header_text("virtio.h") + "\n" + (HERE / "_engine.h").read_text())
 _cflags, _ldflags = compile_args()
 ffibuilder.set_source(
     "vscsid.workers._fast",
     '#ifndef _GNU_SOURCE\n#define _GNU_SOURCE\n#endif\n#include "_engine.c"\n',
-    include_dirs=[str(HERE)],
+    include_dirs=[str(HERE), str(VIRTIO)],
     extra_compile_args=_cflags,
     extra_link_args=_ldflags,
 )

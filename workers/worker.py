@@ -36,19 +36,20 @@ from typing import Any
 from vscsid import ipc
 from vscsid import log as vlog
 from vscsid.config import LunSpec
-from vscsid.memory import (
+from vscsid.virtio.memory import (
     GuestMemory, GuestMemoryError, RegionSpec, fault_count, guard_mapping, unguard_mapping,
 )
 
-from ._fast import lib as _lib
-from .inflight import InflightQueue
-from .request import (
-    DEFAULT_CDB_SIZE, DEFAULT_SENSE_SIZE, LUN_BAD_TARGET, REQ_HDR, REQ_HDR_SIZE, RESP_HDR,
-    RESP_HDR_SIZE, S_BAD_TARGET, S_FAILURE, S_OK, S_OVERRUN, decode_lun, gather, scatter,
-    split_views,
+from vscsid.virtio.inflight import InflightQueue
+from vscsid.virtio.scsi_wire import (
+    LUN_BAD_TARGET, REQ_HDR, REQ_HDR_SIZE, RESP_HDR, RESP_HDR_SIZE, VIRTIO_SCSI_CDB_DEFAULT_SIZE,
+    VIRTIO_SCSI_S_BAD_TARGET, VIRTIO_SCSI_S_FAILURE, VIRTIO_SCSI_S_OK, VIRTIO_SCSI_S_OVERRUN,
+    VIRTIO_SCSI_SENSE_DEFAULT_SIZE, decode_lun, gather, scatter, split_views,
 )
+from vscsid.virtio.splitq import ChainError, RingError, SplitQueue
+
+from ._fast import lib as _lib
 from .scsi import ScsiResult, SGList
-from .virtqueue import ChainError, RingError, SplitQueue
 
 BATCH_LIMIT = 1024   # requests per pass before the control channel gets a look
 
@@ -108,8 +109,8 @@ class Worker:
         self.luns: dict[int, Any] = {}
         self.delays: dict[int, float] = {}     # lun -> injected latency (seconds)
         self.state_mm: mmap.mmap | None = None
-        self.cdb_size = DEFAULT_CDB_SIZE
-        self.sense_size = DEFAULT_SENSE_SIZE
+        self.cdb_size = VIRTIO_SCSI_CDB_DEFAULT_SIZE
+        self.sense_size = VIRTIO_SCSI_SENSE_DEFAULT_SIZE
         self.running = True
         self.timers: list = []                 # heap of (deadline, seq, Pending)
         self.long_ops: collections.deque = collections.deque()   # sliced commands (Pending)
@@ -281,7 +282,7 @@ class Worker:
                 written = self._result(res, chain.in_, chain.in_len - resp_len,
                                        chain.out_len - hdr_len, resp_len)
             elif chain.in_len >= RESP_HDR_SIZE:
-                self._respond(chain.in_, 0, 0, 0, S_FAILURE, b"")
+                self._respond(chain.in_, 0, 0, 0, VIRTIO_SCSI_S_FAILURE, b"")
                 written = RESP_HDR_SIZE
             self.glog.error("request_quarantined", head=head,
                            reason="in flight when the worker died twice: failed instead of "
@@ -370,7 +371,7 @@ class Worker:
                                 writable=chain.in_len, need_readable=hdr_len,
                                 need_writable=resp_len)
             if chain.in_len >= RESP_HDR_SIZE:
-                self._respond(in_, 0, 0, 0, S_FAILURE, b"")
+                self._respond(in_, 0, 0, 0, VIRTIO_SCSI_S_FAILURE, b"")
                 return RESP_HDR_SIZE
             return 0
         hdr = gather(chain.out, hdr_len)
@@ -382,13 +383,13 @@ class Worker:
         in_data_len = chain.in_len - resp_len
         if lun == LUN_BAD_TARGET:
             self.stats["bad_target"] += 1
-            self._respond(in_, 0, in_data_len or out_data_len, 0, S_BAD_TARGET, b"")
+            self._respond(in_, 0, in_data_len or out_data_len, 0, VIRTIO_SCSI_S_BAD_TARGET, b"")
             return resp_len
         if out_data_len and in_data_len:
             # Bidirectional commands need VIRTIO_SCSI_F_INOUT, which we do not offer.
             self.stats["failed"] += 1
             self._guest_warning("bidirectional_request", head=chain.head, lun=lun)
-            self._respond(in_, 0, in_data_len, 0, S_FAILURE, b"")
+            self._respond(in_, 0, in_data_len, 0, VIRTIO_SCSI_S_FAILURE, b"")
             return resp_len
         data_out = SGList(split_views(chain.out, hdr_len) if out_data_len else [])
         data_in = SGList(split_views(in_, resp_len) if in_data_len else [])
@@ -417,7 +418,7 @@ class Worker:
         if res.status:
             self.stats["check_condition"] += 1
         if res.overrun:
-            self._respond(in_, 0, in_data_len or out_data_len, 0, S_OVERRUN, b"")
+            self._respond(in_, 0, in_data_len or out_data_len, 0, VIRTIO_SCSI_S_OVERRUN, b"")
             return resp_len
         if in_data_len:
             residual = in_data_len - res.data_in_len
@@ -425,7 +426,7 @@ class Worker:
         else:
             residual = out_data_len - res.data_out_len
             self.stats["bytes_out"] += res.data_out_len
-        self._respond(in_, len(sense), residual, res.status, S_OK, sense)
+        self._respond(in_, len(sense), residual, res.status, VIRTIO_SCSI_S_OK, sense)
         return resp_len + res.data_in_len
 
     def _test_poison(self, opcode: int) -> None:
@@ -572,8 +573,8 @@ class Worker:
 
         self.engine = msg.get("engine", "python")
         self.poll_us = int(msg.get("poll_us", 0))
-        self.cdb_size = int(msg.get("cdb_size", DEFAULT_CDB_SIZE))
-        self.sense_size = int(msg.get("sense_size", DEFAULT_SENSE_SIZE))
+        self.cdb_size = int(msg.get("cdb_size", VIRTIO_SCSI_CDB_DEFAULT_SIZE))
+        self.sense_size = int(msg.get("sense_size", VIRTIO_SCSI_SENSE_DEFAULT_SIZE))
         lun_entries = msg["luns"]
         state_fd = fds[-1] if msg.get("state_page") else -1
         file_fds = fds[:-1] if msg.get("state_page") else fds

@@ -16,8 +16,6 @@ static int scribble;
         if (scribble && !strcmp((what), "desc")) memset((ptr), 0, 16); } while (0)
 #include "_engine.c"
 
-static void st64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
-
 #define CHECK(cond, ...) do { if (!(cond)) { fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
     fprintf(stderr, __VA_ARGS__); fprintf(stderr, "\n"); exit(1); } } while (0)
 

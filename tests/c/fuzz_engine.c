@@ -2,7 +2,8 @@
  * libFuzzer harness for the data-plane engine (workers/_engine.c), built with
  * AddressSanitizer and UBSan:
  *
- *   clang -g -O1 -fsanitize=fuzzer,address,undefined -Iworkers tests/c/fuzz_engine.c \
+ *   clang -g -O1 -fsanitize=fuzzer,address,undefined -Iworkers -Ivscsid/virtio \
+ *         tests/c/fuzz_engine.c \
  *         -o fuzz_engine && ./fuzz_engine -max_total_time=60 CORPUS_DIR
  *
  * The input drives a stateful adversary: it lays out guest memory (optionally

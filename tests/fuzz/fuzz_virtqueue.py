@@ -20,11 +20,11 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from vscsid.memory import GuestMemory, RegionSpec
-    from vscsid.workers import request as R
-    from vscsid.workers import virtqueue as V
+    from vscsid.virtio.memory import GuestMemory, RegionSpec
+    from vscsid.virtio import scsi_wire as R
+    from vscsid.virtio import splitq as V
 
-from vscsid.workers._fast import ffi
+from vscsid.virtio._ring import ffi
 
 REGIONS = ((0x0, 0x10000), (0x30000, 0x8000), (0x38000, 0x4000))
 DESC, AVAIL, USED = 0x0, 0x2000, 0x3000

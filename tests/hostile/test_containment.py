@@ -222,7 +222,7 @@ def test_truncated_inflight_region_does_not_kill_the_daemon():
     shrinking it under the workers' mapping is survived like guest memory."""
     from vscsid import protocol as P
     from vscsid.client.driverq import DriverQueue
-    from vscsid.workers.inflight import queue_region_size
+    from vscsid.virtio.inflight import queue_region_size
 
     from .harness import Conn, memfd
 

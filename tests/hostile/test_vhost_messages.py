@@ -430,7 +430,7 @@ def test_hostile_inflight_region_contents(daemon, baseline, content):
     outside the guest regions; at worst the ring is reported broken."""
     import random
 
-    from vscsid.workers.inflight import queue_region_size
+    from vscsid.virtio.inflight import queue_region_size
 
     rng = random.Random(content)
     qsize, rings = 64, 2 + NUM_QUEUES

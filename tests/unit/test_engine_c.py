@@ -21,6 +21,7 @@ def selftest(tmp_path_factory):
     exe = tmp_path_factory.mktemp("c") / "engine_selftest"
     subprocess.run([cc, "-O1", "-g", "-Wall", "-Werror", "-fsanitize=address,undefined",
                     "-fno-sanitize-recover=all", f"-I{ROOT / 'workers'}",
+                    f"-I{ROOT / 'vscsid' / 'virtio'}",
                     str(ROOT / "tests" / "c" / "engine_selftest.c"), "-o", str(exe)],
                    check=True, capture_output=True, text=True)
     return exe

@@ -20,7 +20,7 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vscsid.workers import virtqueue as V
+from vscsid.virtio import splitq as V
 from vscsid.workers._fast import ffi, lib
 
 from .test_properties_hostile import (  # noqa: F401  (guest is a fixture)

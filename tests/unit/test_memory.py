@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from vscsid.memory import GuestMemory, GuestMemoryError, RegionSpec
+from vscsid.virtio.memory import GuestMemory, GuestMemoryError, RegionSpec
 
 
 def memfd(size: int, fill: bytes = b"") -> int:

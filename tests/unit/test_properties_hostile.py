@@ -22,10 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vscsid import protocol as P
-from vscsid.memory import GuestMemory, RegionSpec
-from vscsid.workers import request as R
-from vscsid.workers import virtqueue as V
-from vscsid.workers._fast import ffi
+from vscsid.virtio.memory import GuestMemory, RegionSpec
+from vscsid.virtio import scsi_wire as R
+from vscsid.virtio import splitq as V
+from vscsid.virtio._ring import ffi
 
 WALK = settings(max_examples=3000, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -539,7 +539,7 @@ def test_decode_lun_inverts_the_driver_encoding(lun, target):
 def test_sealable_memfd_gets_shrink_seal_when_mapped():
     import fcntl
 
-    from vscsid.memory import GuestMemoryError
+    from vscsid.virtio.memory import GuestMemoryError
 
     fd = os.memfd_create("seal", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     plain = os.memfd_create("plain", os.MFD_CLOEXEC)
@@ -565,7 +565,7 @@ def test_sealable_memfd_gets_shrink_seal_when_mapped():
 
 
 def test_empty_table_maps_and_refuses_every_access():
-    from vscsid.memory import GuestMemoryError
+    from vscsid.virtio.memory import GuestMemoryError
 
     mem = GuestMemory.map([], [])
     with pytest.raises(GuestMemoryError):

@@ -7,7 +7,7 @@ import os
 
 from vscsid import ipc
 from vscsid.config import LunSpec
-from vscsid.memory import RegionSpec
+from vscsid.virtio.memory import RegionSpec
 from vscsid.supervisor import disk_info
 from vscsid.workers.worker import Worker
 

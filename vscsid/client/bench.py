@@ -501,7 +501,7 @@ class PyEngine:
     """The same loop as ``bq_run`` in pure Python: the reference implementation."""
 
     def __init__(self, qs: QueueSetup, stop_flag, gens, busy, nonce, ramp_end, end):
-        from vscsid.workers._fast import ffi as wffi, lib as wlib
+        from vscsid.virtio._ring import ffi as wffi, lib as wlib
         self._wlib = wlib
         b, cfg, mem, dq = qs.bench, qs.bench.cfg, qs.bench.mem, qs.dq
         self.fmt = 0 if b.fmt == "scsi" else 1
@@ -555,7 +555,7 @@ class PyEngine:
 
     def close(self) -> None:
         """Drop every view of guest memory (so it can be unmapped)."""
-        wffi = __import__("vscsid.workers._fast", fromlist=["ffi"]).ffi
+        wffi = __import__("vscsid.virtio._ring", fromlist=["ffi"]).ffi
         for p in (self.ap, self.up):
             wffi.release(p)
         for s in self.slots:

@@ -31,7 +31,7 @@ import os
 import struct
 from typing import Any, NamedTuple, Sequence
 
-from vscsid.workers._fast import ffi, lib
+from vscsid.virtio._ring import ffi, lib
 
 from .guestmem import FrontendMemory
 

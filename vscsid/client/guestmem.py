@@ -33,7 +33,7 @@ import os
 import warnings
 from typing import Iterable, NamedTuple, Sequence
 
-from vscsid.workers._fast import ffi
+from vscsid.virtio._ring import ffi
 
 __all__ = [
     "POISON",

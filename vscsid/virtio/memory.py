@@ -33,22 +33,19 @@ from typing import Iterable, Sequence
 
 U64_MAX = (1 << 64) - 1
 
-try:  # the SIGBUS guard lives in the data plane's cffi module
-    from vscsid.workers._fast import ffi as _ffi, lib as _lib
-except ImportError:  # pragma: no cover - the extension is part of every install
-    _ffi = _lib = None
+from ._ring import ffi as _ffi, lib as _lib
 
 
 def install_fault_guard() -> bool:
     """Survive SIGBUS on guest memory (a front end truncating its memory file):
     faulting pages read as zeros, :func:`fault_count` rises, and the caller drops
     the front end. Call once per process, after faulthandler."""
-    return _lib is not None and _lib.vsd_sigbus_install() == 0
+    return _lib.vsd_sigbus_install() == 0
 
 
 def fault_count() -> int:
     """How many guest-memory pages have faulted (SIGBUS) in this process so far."""
-    return int(_lib.vsd_fault_count()) if _lib is not None else 0
+    return int(_lib.vsd_fault_count())
 BLKGETSIZE64 = 0x80081272
 
 

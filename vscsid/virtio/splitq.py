@@ -21,34 +21,23 @@ Memory ordering: the driver's writes to descriptors happen before its write of
 We write used elements, fence, then publish ``used->idx``, and put a full
 fence between publishing and reading ``used_event`` / ``avail->flags`` (the
 classic store→load ordering case that x86 does not give for free). The fences
-are the ``vscsid.workers._fast`` cffi helpers.
+are the ``vscsid.virtio._ring`` cffi helpers (fences.h).
 """
 from __future__ import annotations
 
 import struct
 
-from vscsid.memory import GuestMemory, GuestMemoryError
-
-from ._fast import lib as _lib
+from ._ring import lib as _lib
+from .defs import (
+    HEAD_BUSY, HEAD_DONE, HEAD_FREE, MAX_QUEUE_SIZE, VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_USED_F_NO_NOTIFY,
+    ring_sizes, vring_need_event,
+)
+from .memory import GuestMemory, GuestMemoryError
 
 DESC = struct.Struct("<QIHH")
 U16 = struct.Struct("<H")
 USED_ELEM = struct.Struct("<II")
-
-VIRTQ_DESC_F_NEXT = _lib.VIRTQ_DESC_F_NEXT
-VIRTQ_DESC_F_WRITE = _lib.VIRTQ_DESC_F_WRITE
-VIRTQ_DESC_F_INDIRECT = _lib.VIRTQ_DESC_F_INDIRECT
-
-VIRTQ_AVAIL_F_NO_INTERRUPT = _lib.VIRTQ_AVAIL_F_NO_INTERRUPT
-VIRTQ_USED_F_NO_NOTIFY = _lib.VIRTQ_USED_F_NO_NOTIFY
-
-# Head states (see _engine.h): popped and being served, pushed and awaiting
-# publication, or the driver's.
-HEAD_FREE = _lib.VSD_HEAD_FREE
-HEAD_BUSY = _lib.VSD_HEAD_BUSY
-HEAD_DONE = _lib.VSD_HEAD_DONE
-
-MAX_QUEUE_SIZE = 32768
 
 _mb = _lib.vq_mb
 _rmb = _lib.vq_rmb
@@ -71,16 +60,6 @@ class ChainError(Exception):
         super().__init__(reason)
         self.reason = reason
         self.head = head
-
-
-def ring_sizes(size: int) -> tuple[int, int, int]:
-    """Byte sizes of (descriptor table, available ring, used ring) with event fields."""
-    return 16 * size, 6 + 2 * size, 6 + 8 * size
-
-
-def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
-    """True if ``event_idx`` lies in the window (old_idx, new_idx] (mod 2^16)."""
-    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
 
 
 class Chain:

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import struct
 
-from ._fast import lib as _lib
+from ._ring import lib as _lib
 
 HEADER = struct.Struct("<QHHHH")          # features, version, desc_num, last_batch_head, used_idx
 DESC = struct.Struct("<BB4xHQ")           # inflight, resubmits (padding[0]), padding, next, counter
 HEADER_SIZE = _lib.VSD_INFLIGHT_HEADER
 DESC_SIZE = _lib.VSD_INFLIGHT_DESC
-VERSION = 1
-ALIGN = 64
+VERSION = _lib.VSD_INFLIGHT_VERSION
+ALIGN = _lib.VSD_INFLIGHT_ALIGN
 _USED_ELEM = struct.Struct("<II")
 _U16 = struct.Struct("<H")
 

@@ -353,6 +353,32 @@ class CephCluster:
         r = self._script("status", 60)
         return r.returncode == 0, r.stdout + r.stderr
 
+    def daemon_pid(self, name: str) -> int | None:
+        """The pid of daemon ``name`` ("mon.a", "mgr.x", "osd.0") if it runs."""
+        try:
+            pid = int((self.dir / "run" / f"ceph-{name}.pid").read_text())
+            os.kill(pid, 0)
+            return pid
+        except (OSError, ValueError):
+            return None
+
+    def kill_daemon(self, name: str) -> None:
+        """SIGKILL one daemon (fault injection); :meth:`start` brings it back."""
+        pid = self.daemon_pid(name)
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                return
+            if state in ("Z", "X"):   # dead, waiting for init to reap it
+                return
+            time.sleep(0.05)
+        raise ServerError(f"{name} (pid {pid}) survived SIGKILL")
+
     def _cli(self, tool: str, args: Sequence[str], timeout: float) -> str:
         if self.conf is None:
             raise RuntimeError("cluster not started")

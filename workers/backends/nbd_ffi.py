@@ -44,6 +44,8 @@ import select
 import time
 from typing import Iterable, Sequence
 
+from .base import BackendUnavailable
+
 __all__ = ["BackendUnavailable", "NbdClient", "load_libnbd", "MAX_SEGMENTS"]
 
 EPOLLIN = select.EPOLLIN
@@ -123,10 +125,6 @@ MAX_ZERO_REQUEST = (0xFFFFFFFF >> 20) << 20
 MAX_SEGMENTS = 8
 DEFAULT_MAX_IN_FLIGHT = 64
 DEFAULT_CONNECT_TIMEOUT = 10.0
-
-
-class BackendUnavailable(OSError):
-    """The shared library a LUN type needs is not installed (errno ENOSYS)."""
 
 
 _lib_cache: tuple | None = None

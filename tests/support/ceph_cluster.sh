@@ -18,10 +18,14 @@ die() {
     echo "$PROG: error: $*" >&2
     if [ -n "${DIR:-}" ] && [ -d "$DIR/log" ]; then
         for f in "$DIR"/log/*.log; do
-            [ -f "$f" ] || continue
+            [ -s "$f" ] || continue
             echo "----- last lines of $f -----" >&2
             tail -n 40 "$f" >&2
         done
+    fi
+    # A start that failed leaves no daemon behind.
+    if [ "${CMD:-}" = start ] && [ -f "${CONF:-/nonexistent}" ]; then
+        CMD=stopping cmd_stop >&2 || true
     fi
     exit 1
 }
@@ -99,7 +103,8 @@ mon_data_avail_crit = 1
 
 [mon]
 mon_data = $DIR/mon/\$cluster-\$id
-mon_memory_target = 536870912
+# Must stay above rocksdb_cache_size (512 MiB), which it divides among the caches.
+mon_memory_target = 1073741824
 # Only the modules the manager cannot run without.
 mgr_initial_modules = iostat
 

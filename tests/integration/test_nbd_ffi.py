@@ -329,3 +329,15 @@ def test_missing_library_is_a_clear_error(monkeypatch):
         NbdClient("nbd://127.0.0.1/x")
     assert ei.value.errno == errno.ENOSYS
     assert "apt-get install libnbd0" in str(ei.value)
+
+
+def test_close_with_commands_out(nbd_server):
+    srv = nbd_server("nbdkit", "memory", "size=16M", unix=True)
+    c = NbdClient(srv.uri)
+    tokens = [c.submit_read([memoryview(bytearray(4096))], i * 4096) for i in range(8)]
+    out = dict(c.close())
+    assert set(out) == set(tokens)      # each one either finished or failed with ESHUTDOWN
+    assert all(e in (0, errno.ESHUTDOWN) for e in out.values())
+    assert c.close() == [] and c.poll() == [] and c.fileno() == -1
+    with pytest.raises(OSError):
+        c.submit_read([memoryview(bytearray(4096))], 0)

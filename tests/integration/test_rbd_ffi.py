@@ -234,3 +234,15 @@ def test_missing_library_is_a_clear_error(monkeypatch):
         RbdImage("rbd", "x")
     assert ei.value.errno == errno.ENOSYS
     assert "apt-get install librbd1" in str(ei.value)
+
+
+def test_close_with_requests_out(rbd_image, open_image):
+    """close() waits for what is in flight (rbd_close does) and returns every token."""
+    img = open_image(rbd_image("8M"), options={"rbd_cache": "false"})
+    data = [os.urandom(65536) for _ in range(16)]
+    tokens = [img.submit_write([memoryview(d)], i * 65536) for i, d in enumerate(data)]
+    assert sorted(img.close()) == [(t, 0) for t in tokens]
+    assert img.poll() == [] and img.close() == []
+    with pytest.raises(OSError) as ei:
+        img.submit_read([memoryview(bytearray(512))], 0)
+    assert ei.value.errno == errno.EBADF

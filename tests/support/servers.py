@@ -20,8 +20,8 @@ Ceph::
     cluster.rbd("create", "--size", "64M", "rbd/img")
     cluster.stop()
 
-Every server process gets SIGTERM if the process that started it dies
-(PR_SET_PDEATHSIG), so a crashed test run leaves no server behind.
+Every NBD server process gets SIGTERM if the thread that started it dies
+(PR_SET_PDEATHSIG through setpriv), so a crashed test run leaves no server behind.
 """
 from __future__ import annotations
 
@@ -40,12 +40,9 @@ from urllib.parse import quote
 HERE = Path(__file__).resolve().parent
 CEPH_SCRIPT = HERE / "ceph_cluster.sh"
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+# setpriv (util-linux) sets PR_SET_PDEATHSIG and execs the server under the same pid, so no
+# Python runs between fork and exec (the test process may have librados threads by then).
+_DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "TERM", "--"]
 
 
 def free_tcp_port() -> int:
@@ -166,9 +163,8 @@ class NbdServer:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
             self.proc = subprocess.Popen(
-                [*self.argv[:1], *self.address_args, *self.argv[1:]],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                preexec_fn=_die_with_parent, start_new_session=True)
+                [*_DIE_WITH_PARENT, *self.argv[:1], *self.address_args, *self.argv[1:]],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         finally:
             if log is not subprocess.DEVNULL:
                 log.close()

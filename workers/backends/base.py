@@ -14,6 +14,10 @@ except (ValueError, OSError):  # pragma: no cover
 if IOV_MAX <= 0:  # pragma: no cover
     IOV_MAX = 1024
 
+class BackendUnavailable(OSError):
+    """The shared library a LUN type needs is not installed (errno ENOSYS)."""
+
+
 _ZEROS = bytes(1 << 16)
 _ZEROS_VIEW = memoryview(_ZEROS)
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import psutil
 import pytest
 
+from tests.wait import wait_for
 from vscsid.client import virtio_scsi as vs
 
 from .test_daemon_io import Guest, guest_factory  # noqa: F401  (fixture)
@@ -32,16 +32,23 @@ def test_killed_worker_requests_are_resubmitted(start_daemon, make_image, guest_
                for i in range(8)]
     q.publish()
     q.kick()
-    d.wait_for_log("ring_started", queue=0)
-    time.sleep(0.1)
+    # The worker has popped all 8 (and marked them in flight) once it asks to be
+    # kicked at avail index 8 (EVENT_IDX: used->avail_event).
+    wait_for(lambda: q.avail_event() == 8, what="the worker to pop the 8 writes")
     (victim,) = _workers(d)
+    # Freeze it, see how many it answered (none, unless this process stalled for
+    # the 300 ms the writes take), then kill it with the rest in flight.
+    victim.send_signal(signal.SIGSTOP)
+    wait_for(lambda: victim.status() == psutil.STATUS_STOPPED, what="the worker to stop")
+    answered = q.used_idx()
+    assert answered < 8, "every write completed before the worker was stopped"
     victim.send_signal(signal.SIGKILL)
     for h in handles:
-        g.wait(h, timeout=30)
+        g.wait(h)
         assert h.response.response == vs.VIRTIO_SCSI_S_OK and h.response.status == 0
     d.wait_for_log("worker_died", queue=0)
     rec = d.wait_for_log("inflight_recovered")
-    assert rec["resubmit"] == 8
+    assert rec["resubmit"] == 8 - answered
     (new,) = _workers(d)
     assert new.pid != victim.pid
     for i, data in payloads.items():
@@ -77,12 +84,12 @@ def test_hung_worker_is_aborted_killed_and_replaced(start_daemon, make_image, gu
     b, q = g.builders[2], g.queues[2]
     h = b.command(vs.write10(0, 1), data_out=b"H" * 512, publish=True)
     q.kick()
-    hung = d.wait_for_log("worker_hung", timeout=15)
+    hung = d.wait_for_log("worker_hung")
     assert hung["action"] == "SIGABRT"
-    d.wait_for_log("worker_hung", timeout=15, action="SIGKILL")
-    died = d.wait_for_log("worker_died", timeout=15)
+    d.wait_for_log("worker_hung", action="SIGKILL")
+    died = d.wait_for_log("worker_died")
     assert "SIGKILL" in died["status"]
-    g.wait(h, timeout=30)
+    g.wait(h)
     assert h.response.status == 0
     (new,) = _workers(d)
     assert new.pid != victim.pid

@@ -656,10 +656,17 @@ class Worker:
             recovered = None
             if msg.get("recover"):
                 recovered = self.inflight.recover(q.used_idx, q.used)
-            if recovered is not None and (recovered[1] or msg.get("resume")):
+            if recovered is not None:
+                # The next available index is used_idx + in flight even when nothing
+                # is: the front end's base can be stale (QEMU takes it from the used
+                # index when the connection drops, and the dying worker may still
+                # publish completions after that), and starting there would run
+                # requests that were already answered a second time.
+                base = q.last_avail
                 q.last_avail, self.resubmit = recovered
-                self.log.info("inflight_recovered", next_avail=q.last_avail, used_idx=q.used_idx,
-                              resubmit=len(self.resubmit))
+                if self.resubmit or msg.get("resume") or q.last_avail != base:
+                    self.log.info("inflight_recovered", next_avail=q.last_avail, base=base,
+                                  used_idx=q.used_idx, resubmit=len(self.resubmit))
             else:
                 self.inflight.reset(q.used_idx)
         self._ring_params = dict(msg)

@@ -5,8 +5,9 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from tests.wait import WAIT, wait_for
 
 
 class Daemon:
@@ -18,7 +19,7 @@ class Daemon:
             [sys.executable, "-m", "vscsid.cli", "--socket-path", self.socket_path,
              "--log-format", "json", "--log-level", "debug", "--quiet", *args],
             stdout=self._log, stderr=subprocess.STDOUT)
-        self.wait_for_log("ready", timeout=30)
+        self.wait_for_log("ready", timeout=2 * WAIT)
 
     def log_records(self) -> list[dict]:
         out = []
@@ -32,18 +33,21 @@ class Daemon:
     def events(self, name: str) -> list[dict]:
         return [r for r in self.log_records() if r.get("event") == name]
 
-    def wait_for_log(self, event: str, timeout: float = 10.0, count: int = 1, **match) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+    def wait_for_log(self, event: str, timeout: float = WAIT, count: int = 1, **match) -> dict:
+        def hit():
             hits = [r for r in self.events(event) if all(r.get(k) == v for k, v in match.items())]
-            if len(hits) >= count:
-                return hits[count - 1]
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited ({self.proc.returncode}) before {event!r}:\n"
-                                     + self.log_path.read_text(errors="replace")[-4000:])
-            time.sleep(0.02)
-        raise AssertionError(f"no {event!r} log line within {timeout}s:\n"
-                             + self.log_path.read_text(errors="replace")[-4000:])
+            return hits[count - 1] if len(hits) >= count else None
+
+        return wait_for(hit, timeout, interval=0.02, abort=lambda: self.check_alive(f"before {event!r}"),
+                        what=lambda: f"{event!r} log line #{count} {match}:\n" + self.log_tail())
+
+    def check_alive(self, when: str = "") -> None:
+        """AssertionError (with the log tail) if the daemon has exited."""
+        if self.proc.poll() is not None:
+            raise AssertionError(f"daemon exited ({self.proc.returncode}) {when}:\n" + self.log_tail())
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
 
     def worker_pids(self) -> list[int]:
         return self.events("ready")[-1]["workers"]

@@ -817,9 +817,15 @@ class Worker:
         recovered = None
         if msg.get("recover"):
             recovered = self.inflight.recover(q.used_idx, q.used)
-        if recovered is None or not (recovered[1] or msg.get("resume")):
+        if recovered is None:
             self.inflight.reset(q.used_idx)
             return
+        # The next available index is used_idx + in flight even when nothing is:
+        # the front end's base can be stale (QEMU takes it from the used index
+        # when the connection drops, and the dying worker may still publish
+        # completions after that), and starting there would run requests that
+        # were already answered a second time.
+        base = q.last_avail
         q.last_avail, heads = recovered
         self.resubmit = []
         self.poisoned = []
@@ -829,8 +835,10 @@ class Worker:
             else:
                 self.inflight.note_resubmitted(head)
                 self.resubmit.append(head)
-        self.log.info("inflight_recovered", next_avail=q.last_avail, used_idx=q.used_idx,
-                      resubmit=len(self.resubmit), quarantine=len(self.poisoned))
+        if heads or msg.get("resume") or q.last_avail != base:
+            self.log.info("inflight_recovered", next_avail=q.last_avail, base=base,
+                          used_idx=q.used_idx, resubmit=len(self.resubmit),
+                          quarantine=len(self.poisoned))
 
     def _set_kick(self, fd: int) -> None:
         if self.kick_fd >= 0:

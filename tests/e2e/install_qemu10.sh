@@ -3,10 +3,15 @@
 # vhost-user reconnect e2e tests, next to the system QEMU 7.2 that the other e2e tests use.
 #
 #   tests/e2e/install_qemu10.sh [PREFIX]        # as root; PREFIX default /opt/vscsid-qemu10
+#   tests/e2e/install_qemu10.sh --print-backports-source   # the apt source it would add
 #
 # Nothing is installed system-wide except, if missing, the bookworm-backports apt
 # source and the ordinary bookworm shared libraries QEMU links against (on a machine
-# with qemu-system-x86 7.2 installed they are all present already).  The .debs
+# with qemu-system-x86 7.2 installed they are all present already).  The apt source
+# is derived from the machine's own bookworm entries (found by apt itself, one-line
+# or deb822 format): the same URIs and signing key (and options), the suite
+# bookworm-backports and the component main, written next to them as
+# vscsid-bookworm-backports.list / .sources.  No package server is named here.  The .debs
 # qemu-system-x86, qemu-system-common, qemu-system-data and seabios are fetched with
 # `apt-get download` from bookworm-backports and unpacked with `dpkg -x` under
 # PREFIX/root; PREFIX/bin/qemu-system-x86_64 is a wrapper that runs that binary with
@@ -28,6 +33,88 @@ WRAPPER="$PREFIX/bin/qemu-system-x86_64"
 
 log() { printf 'install_qemu10: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
+
+# "FILE:N" of each configured deb entry for suite $1, as apt itself parsed the sources
+# (N: the line of a one-line .list file, the paragraph of a deb822 .sources file).
+apt_entries() {
+    apt-get indextargets --no-release-info --format '$(SOURCESENTRY)' "Release: $1" 'Target-Of: deb' \
+        2>/dev/null | sort -u
+}
+
+# The bookworm-backports counterpart of entry N of FILE: the same entry with the suite
+# replaced (and the component main), in the file's own format.
+backports_of() {  # FILE N
+    case "$1" in
+    *.sources)
+        awk -v n="$2" -v suite="$SUITE" '
+            /^#/ { next }
+            /^[ \t]*$/ { if (open) { open = 0 }; next }
+            !open { open = 1; para++ }
+            para != n { next }
+            /^[ \t]/ { if (keep) print; next }
+            {
+                key = tolower(substr($0, 1, index($0, ":") - 1)); keep = 0
+                if (key == "types") print "Types: deb"
+                else if (key == "suites") print "Suites: " suite
+                else if (key == "components") print "Components: main"
+                else { keep = 1; print }
+            }' "$1"
+        ;;
+    *)
+        awk -v n="$2" -v suite="$SUITE" '
+            NR != n { next }
+            {
+                sub(/#.*/, "")
+                out = $1; i = 2
+                if ($2 ~ /^\[/) {                 # [ options ], possibly with spaces
+                    while (i <= NF && $i !~ /\]$/) { out = out " " $i; i++ }
+                    out = out " " $i; i++
+                }
+                print out " " $i " " suite " main"     # URI suite component
+            }' "$1"
+        ;;
+    esac
+}
+
+backports_source() {  # prints the entries: "# FILE" headers, then the .list/.sources text
+    entries=$(apt_entries bookworm)
+    [ -n "$entries" ] || die "no bookworm apt source on this machine to derive $SUITE from"
+    for e in $entries; do
+        printf '# %s\n' "${e%:*}"
+        backports_of "${e%:*}" "${e##*:}"
+        echo
+    done
+}
+
+add_backports_source() {
+    eval "$(apt-config shell parts Dir::Etc::sourceparts/d)"
+    entries=$(apt_entries bookworm)
+    [ -n "$entries" ] || die "no bookworm apt source on this machine to derive $SUITE from"
+    list="" sources=""
+    for e in $entries; do
+        text=$(backports_of "${e%:*}" "${e##*:}")
+        case "${e%:*}" in
+        *.sources) sources="$sources$text
+
+" ;;
+        *) list="$list$text
+" ;;
+        esac
+    done
+    if [ -n "$list" ]; then
+        log "adding the $SUITE apt source ${parts}vscsid-bookworm-backports.list"
+        printf '%s' "$list" > "${parts}vscsid-bookworm-backports.list"
+    fi
+    if [ -n "$sources" ]; then
+        log "adding the $SUITE apt source ${parts}vscsid-bookworm-backports.sources"
+        printf '%s' "$sources" > "${parts}vscsid-bookworm-backports.sources"
+    fi
+}
+
+if [ "${1:-}" = "--print-backports-source" ]; then
+    backports_source
+    exit 0
+fi
 
 # "QEMU emulator version 10.0.2 (...)" -> 10.0.2
 qemu_version() { "$1" --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9][0-9.]*\).*/\1/p' | head -n 1; }
@@ -53,9 +140,8 @@ export DEBIAN_FRONTEND=noninteractive
 have_backports() { apt-cache madison qemu-system-x86 2>/dev/null | grep -q "$SUITE"; }
 
 if ! have_backports; then
-    if ! grep -rqs "$SUITE" /etc/apt/sources.list /etc/apt/sources.list.d/; then
-        log "adding the $SUITE apt source (/etc/apt/sources.list.d/backports.list)"
-        echo "deb http://deb.debian.org/debian $SUITE main" > /etc/apt/sources.list.d/backports.list
+    if [ -z "$(apt_entries "$SUITE")" ]; then
+        add_backports_source
     fi
     apt-get update -q
     have_backports || die "qemu-system-x86 is not available from $SUITE"

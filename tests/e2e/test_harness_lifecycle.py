@@ -1,12 +1,15 @@
 """The lifecycle additions to the e2e harness, without booting a guest.
 
 QEMU selection by version, the chardev reconnect option for old and new QEMU,
-live result polling, and fio_long.sh result judging.
+live result polling, fio_long.sh result judging, and the apt source that
+install_qemu10.sh derives for QEMU 10.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -142,3 +145,53 @@ def test_fio_long_env_matches_script():
         assert k in text, k
     assert env["FIO_RUNTIME"] == 7
     assert os.access(G.HERE / "install_qemu10.sh", os.X_OK)
+
+
+def test_backports_source_is_derived_from_the_machines_own(tmp_path):
+    """install_qemu10.sh writes no package server's name: its bookworm-backports entries
+    are the machine's bookworm entries (one-line or deb822, as apt itself reads them)
+    with the suite replaced, keeping URIs, signing key and options."""
+    if shutil.which("apt-get") is None:
+        pytest.skip("no apt-get (not a Debian machine)")
+    parts = tmp_path / "sources.list.d"
+    parts.mkdir()
+    (tmp_path / "sources.list").write_text(
+        "# a comment\n\n"
+        "deb-src http://a.invalid/debian bookworm main\n"
+        "deb [ arch=amd64 signed-by=/usr/share/keyrings/k.gpg ] http://a.invalid/debian bookworm main contrib\n"
+        "deb http://a.invalid/debian bookworm-updates main\n")
+    key = " -----BEGIN PGP PUBLIC KEY BLOCK-----\n .\n mQINBGPL0BUBEADm\n -----END PGP PUBLIC KEY BLOCK-----\n"
+    (parts / "d.sources").write_text(
+        "# leading comment\n\n"
+        "Types: deb deb-src\nURIs: http://b.invalid/debian http://c.invalid/debian\n# inside\n"
+        "Suites: bookworm bookworm-updates\nComponents: main non-free-firmware\n"
+        f"Signed-By:\n{key}Architectures: amd64\n\n"
+        "Types: deb\nURIs: http://d.invalid/debian-security\nSuites: bookworm-security\nComponents: main\n")
+    conf = tmp_path / "apt.conf"
+    conf.write_text(f'Dir::Etc::sourcelist "{tmp_path}/sources.list";\n'
+                    f'Dir::Etc::sourceparts "{parts}";\nDir::State::lists "{tmp_path}/lists";\n'
+                    f'Dir::Cache "{tmp_path}/cache";\n')
+    env = dict(os.environ, APT_CONFIG=str(conf))
+    out = subprocess.run([str(G.HERE / "install_qemu10.sh"), "--print-backports-source"], env=env,
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out == (
+        f"# {parts}/d.sources\n"
+        "Types: deb\nURIs: http://b.invalid/debian http://c.invalid/debian\n"
+        "Suites: bookworm-backports\nComponents: main\n"
+        f"Signed-By:\n{key}Architectures: amd64\n\n"
+        f"# {tmp_path}/sources.list\n"
+        "deb [ arch=amd64 signed-by=/usr/share/keyrings/k.gpg ] http://a.invalid/debian bookworm-backports main\n\n")
+    # and apt reads what it would write as bookworm-backports from the same servers
+    (parts / "new.sources").write_text(out.split("\n\n")[0] + "\n")
+    (parts / "new.list").write_text(out.split("\n\n")[1] + "\n")
+
+    def targets(suite):
+        res = subprocess.run(["apt-get", "indextargets", "--no-release-info", "--format",
+                              "$(REPO_URI) $(SOURCESENTRY)", f"Release: {suite}", "Target-Of: deb"],
+                             env=env, capture_output=True, text=True, timeout=60, check=True)
+        return {tuple(line.split()) for line in res.stdout.splitlines() if line}
+
+    new = {(uri, entry.rsplit(":", 1)[0]) for uri, entry in targets("bookworm-backports")}
+    assert new == {("http://b.invalid/debian/", f"{parts}/new.sources"),
+                   ("http://c.invalid/debian/", f"{parts}/new.sources"),
+                   ("http://a.invalid/debian/", f"{parts}/new.list")}

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.wait import wait_for
+
 from .guest import (
     QEMU_SCSI_HD_LENIENT,
     DiskSpec,
@@ -173,11 +175,13 @@ def test_timeout_kills_qemu(e2e_initramfs, tmp_path):
     g = Guest(initramfs=e2e_initramfs, script="result before_sleep yes\nsleep 600\n", workdir=tmp_path / "guest")
     with pytest.raises(GuestTimeout) as ei:
         with g:
-            # Let the script get to its sleep (however slow the machine), then time out quickly.
-            deadline = time.monotonic() + 120
-            while b"before_sleep" not in g.results_log.read_bytes() and time.monotonic() < deadline:
+            # Let the script get to its sleep (however slow the machine) and the console
+            # line before it reach the log, then time out quickly.
+            def running():
                 assert g.running(), g.diagnostics()
-                time.sleep(0.2)
+            wait_for(lambda: b"before_sleep" in g.results_log.read_bytes()
+                     and "init: running /test.sh" in g.console_text(), 120, interval=0.2,
+                     abort=running, what="the guest script to start")
             g.wait(timeout=time.monotonic() - g.started_at + 2)
     assert "init: running /test.sh" in str(ei.value)
     assert not g.running()

@@ -4,40 +4,27 @@ daemon still passes every disk check (sg3_utils, fio with verify).
 Hostile cases: garbage bytes, a memory table larger than its memfd, a broken
 request ring (avail index jump), a malformed chain, a front end that truncates
 its (unsealable) guest memory mid-session, and a flood of requests whose replies
-are never read.
+are never read (throttled, then dropped).
+
+Each case waits for its session to be closed before the next one connects: the
+daemon serves one front end at a time and refuses a connection while the previous
+session is still being torn down.
 """
 from __future__ import annotations
 
 import os
-import select
-import socket
 
 import pytest
 
-from tests.hostile.harness import Conn, Guest as HostileGuest, HostileDaemon
+from tests.hostile.harness import Conn, Guest as HostileGuest, HostileDaemon, flood_without_reading
 from vscsid.client import virtio_scsi as vs
 from vscsid.client.guestmem import FrontendMemory
-from vscsid.protocol import MemoryRegion, MemoryTable, Request, encode_request
+from vscsid.protocol import MemoryRegion, MemoryTable, Request
+from vscsid.supervisor import WRITE_HIGH
 
 from .guest import DiskSpec, check_disk_results
 
 pytestmark = pytest.mark.timeout(600)
-
-
-def _flood_without_reading(path: str) -> None:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(path)
-    s.setblocking(False)
-    batch = encode_request(Request.GET_FEATURES) * 340
-    try:
-        for _ in range(2000):
-            try:
-                s.send(batch)
-            except BlockingIOError:
-                if not select.select([], [s], [], 1.0)[1]:
-                    break
-    finally:
-        s.close()
 
 
 def test_real_guest_after_hostile_front_ends(guest_checks, tmp_path):
@@ -81,11 +68,18 @@ def test_real_guest_after_hostile_front_ends(guest_checks, tmp_path):
         g.kick(2)
         g.kick(0)
         d.wait_for_log("frontend_dropped")
-        g.close()
+        g.close_and_wait()
         mem.close()
-        # 5. a flood whose replies are never read
-        _flood_without_reading(d.socket_path)
-        d.wait_for_log("session_closed", count=5, timeout=30)
+        # 5. a flood whose replies are never read: throttled (the daemon stops
+        # reading), then dropped (the replies stayed unread too long)
+        flood = flood_without_reading(d)
+        try:
+            assert flood.outcome in ("throttled", "dropped"), flood
+            rec = flood.wait_dropped()
+            assert rec["unsent_bytes"] > WRITE_HIGH, rec
+        finally:
+            flood.close()
+        d.wait_since(flood.mark, "session_closed", conn=flood.conn)
         assert d.proc.poll() is None, "the daemon died"
 
         # Now a real Linux guest on the same daemon.

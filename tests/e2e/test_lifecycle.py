@@ -31,6 +31,7 @@ import psutil
 import pytest
 
 from tests.daemon import Daemon
+from tests.wait import WAIT, wait_for
 
 from .guest import Guest, fio_long_env, fio_long_summary, find_qemu, qemu_skip_reason
 
@@ -105,21 +106,16 @@ def _index(records: list[dict], pred) -> int:
     return -1
 
 
-def _wait_gone(pids, timeout: float = 10.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    alive = list(pids)
-    while alive and time.monotonic() < deadline:
-        still = []
-        for p in alive:
-            try:
-                if psutil.Process(p).status() != psutil.STATUS_ZOMBIE:
-                    still.append(p)
-            except psutil.NoSuchProcess:
-                pass
-        alive = still
-        if alive:
-            time.sleep(0.05)
-    return alive
+def _running(pids) -> list[int]:
+    """Those of ``pids`` that still run (a zombie has ended)."""
+    still = []
+    for p in pids:
+        try:
+            if psutil.Process(p).status() != psutil.STATUS_ZOMBIE:
+                still.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return still
 
 
 # --------------------------------------------------------------------------- (1) worker killed
@@ -214,7 +210,8 @@ def test_daemon_restart_with_reconnect(e2e_initramfs, tmp_path, capsys):
             t_fault = time.monotonic()
             d1.proc.wait(10)
             # The workers die with their supervisor (PR_SET_PDEATHSIG).
-            assert _wait_gone(workers) == [], "workers outlived the killed supervisor"
+            wait_for(lambda: not _running(workers),
+                     what=lambda: f"workers {_running(workers)} to die with the killed supervisor")
             d2 = _daemon(tmp_path / "daemon2", img, sock, lun_opts=CRASH_LUN_OPTS)  # replaces the stale socket
             t_ready = time.monotonic()
             d2.wait_for_log("frontend_connected", timeout=30)
@@ -273,7 +270,9 @@ def test_sigterm_during_guest_io(e2e_initramfs, tmp_path, capsys):
             except subprocess.TimeoutExpired:
                 code = None
             t_exit = time.monotonic()
-            time.sleep(max(0.0, 6.0 - (t_exit - t_fault)))
+            # The window: until the guest's monitor has reported 6 s after the signal.
+            wait_for(lambda: any(t >= t_fault + 6 for t, _o in g.result_records("mon")), 6 + WAIT,
+                     what="a guest monitor sample 6 s after SIGTERM")
             after = [o for t, o in g.result_records("mon") if t > t_fault]
             g.poweroff()
         res = g.read_results()

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from tests.daemon import Daemon
+from tests.wait import WAIT, wait_for
 from vscsid.client import virtio_scsi as vs
 from vscsid.client.driverq import DriverQueue
 from vscsid.client.frontend import Nack, VhostUserFrontend
@@ -42,7 +43,13 @@ class HostileDaemon(Daemon):
         # limit on guest-triggered warnings (its default protects production logs).
         # None keeps the production default.
         rate = [] if guest_log_rate is None else ["--guest-log-rate", str(guest_log_rate)]
-        super().__init__(tmp, [*args, *rate], socket_path)
+        args = [*args, *rate]
+        # The tests count the supervisor's fds exactly; the periodic stats sample
+        # (psutil) briefly opens /proc files in the supervisor, so it stays off
+        # unless a test asks for it.
+        if "--stats-interval" not in args:
+            args += ["--stats-interval", "0"]
+        super().__init__(tmp, args, socket_path)
 
     # -- log
     def log_records(self) -> list[dict]:
@@ -79,19 +86,25 @@ class HostileDaemon(Daemon):
                 if (event is None or r.get("event") == event)
                 and all(r.get(k) == v for k, v in match.items())]
 
-    def wait_since(self, mark: int, event: str, timeout: float = 10.0, **match) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            hits = self.since(mark, event, **match)
-            if hits:
-                return hits[0]
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited ({self.proc.returncode}) before {event!r} "
-                                     f"{match}:\n{self.tail()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no {event!r} {match} log line within {timeout}s:\n"
-                                     f"{self.tail()}")
-            time.sleep(0.01)
+    def wait_since(self, mark: int, event: str, timeout: float = WAIT, **match) -> dict:
+        hits = wait_for(lambda: self.since(mark, event, **match), timeout,
+                        abort=lambda: self.check_alive(f"before {event!r} {match}"),
+                        what=lambda: f"{event!r} {match} log line:\n{self.tail()}")
+        return hits[0]
+
+    def wait_no_session(self, timeout: float = WAIT) -> None:
+        """Until the daemon has no front end: it serves one at a time and refuses a
+        connection while the previous session is still tearing down (after the
+        front end left or was dropped, until its ``session_closed``)."""
+        def idle():
+            recs = self.log_records()
+            return (sum(r.get("event") == "frontend_connected" for r in recs)
+                    == sum(r.get("event") == "session_closed" for r in recs))
+        wait_for(idle, timeout, abort=lambda: self.check_alive("while a session was open"),
+                 what=lambda: f"the open session to close:\n{self.tail()}")
+
+    def log_tail(self) -> str:
+        return self.tail()
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(json.dumps(r) for r in self.log_records()[-n:])
@@ -163,23 +176,12 @@ class HostileDaemon(Daemon):
         return {pid: self.fd_count(pid) for pid in self.pids()}
 
 
-def wait_until(pred, timeout: float = 5.0, interval: float = 0.01, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(interval)
-
-
 def assert_tur_ok(q, mem, what: str = "I/O") -> None:
     """TEST UNIT READY on a hand-configured queue completes with GOOD."""
     b = vs.ScsiRequestBuilder(q, mem)
     h = b.command(vs.test_unit_ready(), publish=True)
     q.kick()
-    wait_until(lambda: b.reap() or h.done, 5, what=what)
+    wait_for(lambda: b.reap() or h.done, what=what)
     assert h.response.ok
 
 
@@ -189,7 +191,7 @@ def assert_clean(d: HostileDaemon, before: dict[int, int], what: str = "") -> No
         now = d.snapshot()
         return all(now.get(pid, n) <= n for pid, n in before.items()) and not d.holders(GUEST_MEMFD)
     try:
-        wait_until(settled, 5, what="fd counts to settle")
+        wait_for(settled, what="fd counts to settle")
     except AssertionError:
         now = d.snapshot()
         raise AssertionError(f"{what}: fds/mappings leaked: before {before}, now {now}, "
@@ -215,7 +217,7 @@ class Tracer:
             os.close(self.w)
             self.w = -1
 
-    def closed_by_peer(self, timeout: float = 5.0) -> bool:
+    def closed_by_peer(self, timeout: float = WAIT) -> bool:
         self.sent()
         r, _, _ = select.select([self.r], [], [], timeout)
         if not r:
@@ -246,8 +248,9 @@ class Conn:
     """A raw front-end connection for hostile messages."""
 
     def __init__(self, d: HostileDaemon, *, negotiate: bool = True, protocol: int = PROTOCOL,
-                 mem: FrontendMemory | None = None, timeout: float = 5.0):
+                 mem: FrontendMemory | None = None, timeout: float = WAIT):
         self.d = d
+        d.wait_no_session()
         self.mark = d.mark()
         self.fe = VhostUserFrontend(d.socket_path, timeout=timeout)
         self.conn = d.wait_since(self.mark, "frontend_connected")["conn"]
@@ -287,11 +290,11 @@ class Conn:
         assert value != 0, f"{Request(request).name} was accepted"
 
     # -- the daemon's reaction
-    def log(self, event: str, timeout: float = 5.0, **match) -> dict:
+    def log(self, event: str, timeout: float = WAIT, **match) -> dict:
         return self.d.wait_since(self.mark, event, timeout, conn=self.conn, **match)
 
     def expect_dropped(self, reason: str | None = None, event: str = "protocol_error") -> dict:
-        assert self.fe.connection_closed(5), "the daemon kept the connection open"
+        assert self.fe.connection_closed(WAIT), "the daemon kept the connection open"
         rec = self.log(event)
         if reason is not None:
             assert reason in rec.get("reason", ""), rec
@@ -309,6 +312,85 @@ class Conn:
         self.log("session_closed")
 
 
+# ----------------------------------------------------------------------------- unread flood
+
+class Flood:
+    """A front-end connection that sent requests and never read a reply (see
+    :func:`flood_without_reading`); its socket stays open, unread, until ``close``."""
+
+    def __init__(self, d: HostileDaemon, sock: socket.socket, mark: int, conn: int):
+        self.d = d
+        self.sock = sock
+        self.mark = mark
+        self.conn = conn
+        self.sent = 0
+        self.outcome = ""
+
+    def __repr__(self) -> str:
+        return f"<Flood conn={self.conn} sent={self.sent} outcome={self.outcome}>"
+
+    def hung_up(self) -> bool:
+        """The daemon closed the connection (seen without reading the replies)."""
+        p = select.poll()
+        p.register(self.sock, select.POLLHUP | select.POLLRDHUP)
+        return any(ev & (select.POLLHUP | select.POLLRDHUP | select.POLLERR) for _, ev in p.poll(0))
+
+    def wait_dropped(self) -> dict:
+        """The daemon drops a front end that leaves its replies unread for
+        ``UNREAD_TIMEOUT``: its log line says so and the socket is hung up."""
+        from vscsid.supervisor import UNREAD_TIMEOUT
+
+        rec = self.d.wait_since(self.mark, "frontend_not_reading", UNREAD_TIMEOUT + WAIT,
+                                conn=self.conn)
+        wait_for(self.hung_up, what="the dropped connection to hang up")
+        return rec
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def flood_without_reading(d: HostileDaemon, cap: int = 600_000, stall: float = 2.0) -> Flood:
+    """Connect and send whole GET_FEATURES requests, never reading a reply, until the
+    daemon stops taking them. ``outcome`` of the returned :class:`Flood`:
+
+    * ``"throttled"``: nothing more was taken for ``stall`` seconds (the daemon
+      stopped reading: backpressure);
+    * ``"dropped"``: the daemon already closed the connection (EPIPE/ECONNRESET;
+      it does so once the replies stay unread long enough, which a slow machine
+      may reach during the flood);
+    * ``"cap"``: it took ``cap`` bytes without ever pushing back (a failure).
+
+    Partial sends are completed, so the stream always holds whole messages: the
+    daemon reacts to the flood, not to a message cut in two."""
+    d.wait_no_session()
+    mark = d.mark()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(d.socket_path)
+    conn = d.wait_since(mark, "frontend_connected")["conn"]
+    f = Flood(d, s, mark, conn)
+    s.setblocking(False)
+    batch = encode_request(Request.GET_FEATURES) * 340
+    view = memoryview(b"")
+    try:
+        while f.sent < cap:
+            if not view:
+                view = memoryview(batch)
+            try:
+                n = s.send(view)
+            except BlockingIOError:
+                if not select.select([], [s], [], stall)[1]:
+                    f.outcome = "throttled"
+                    return f
+                continue
+            f.sent += n
+            view = view[n:]
+    except (BrokenPipeError, ConnectionResetError):
+        f.outcome = "dropped"
+        return f
+    f.outcome = "cap"
+    return f
+
+
 # ----------------------------------------------------------------------------- well-behaved guest
 
 class Guest:
@@ -318,10 +400,11 @@ class Guest:
                  mem: FrontendMemory | None = None, mem_size: int = 8 << 20, err: bool = False,
                  err_before_kick: bool = False, event_idx: bool = True):
         self.d = d
+        d.wait_no_session()
         self.mark = d.mark()
         self.own_mem = mem is None
         self.mem = mem if mem is not None else FrontendMemory(mem_size)
-        self.fe = VhostUserFrontend(d.socket_path, timeout=10)
+        self.fe = VhostUserFrontend(d.socket_path, timeout=WAIT)
         self.conn = d.wait_since(self.mark, "frontend_connected")["conn"]
         feats = None if event_idx else (1 << 32) | (1 << 28) | (1 << 30)
         self.fe.negotiate(features=feats, protocol=PROTOCOL)
@@ -345,7 +428,7 @@ class Guest:
         self.fe.request(Request.SET_VRING_ERR, VringFile(index, False), [fd])
         self.err_fds[index] = fd
 
-    def err_signalled(self, index: int, timeout: float = 3.0) -> bool:
+    def err_signalled(self, index: int, timeout: float = WAIT) -> bool:
         r, _, _ = select.select([self.err_fds[index]], [], [], timeout)
         return bool(r)
 
@@ -358,7 +441,7 @@ class Guest:
             else:
                 self.done.append(c)
 
-    def wait(self, h, queue: int = 2, timeout: float = 10.0):
+    def wait(self, h, queue: int = 2, timeout: float = WAIT):
         q = self.queues[queue]
         deadline = time.monotonic() + timeout
         while True:
@@ -369,7 +452,7 @@ class Guest:
             assert left > 0, f"request on queue {queue} did not complete"
             q.wait_call(min(left, 0.5))
 
-    def wait_token(self, token, queue: int = 2, timeout: float = 10.0):
+    def wait_token(self, token, queue: int = 2, timeout: float = WAIT):
         """The completion of a hand-built chain (token as given to add/submit_raw)."""
         q = self.queues[queue]
         deadline = time.monotonic() + timeout
@@ -390,7 +473,7 @@ class Guest:
         return q.used_idx() == before
 
     # -- requests
-    def command(self, cdb: bytes, *, queue: int = 2, timeout: float = 10.0, **kw):
+    def command(self, cdb: bytes, *, queue: int = 2, timeout: float = WAIT, **kw):
         q = self.queues[queue]
         h = self.builders[queue].command(cdb, publish=True, **kw)
         q.kick()
@@ -448,7 +531,7 @@ def check_serves(d: HostileDaemon, before: dict[int, int] | None = None, *,
 
 
 __all__ = [
-    "HostileDaemon", "Tracer", "Conn", "Guest", "check_serves", "assert_clean", "wait_until",
-    "memfd", "PROTOCOL", "Nack", "MemoryRegion", "MemoryTable", "U64Payload", "VringFile",
-    "VringState", "Request", "struct", "socket",
+    "HostileDaemon", "Tracer", "Conn", "Guest", "check_serves", "assert_clean", "wait_for",
+    "memfd", "flood_without_reading", "Flood", "PROTOCOL", "Nack", "MemoryRegion", "MemoryTable",
+    "U64Payload", "VringFile", "VringState", "Request", "struct", "socket",
 ]

@@ -28,7 +28,9 @@ from vscsid.client.frontend import VhostUserFrontend
 from vscsid.client.guestmem import FrontendMemory
 from vscsid.protocol import MemoryRegion, MemRegionMsg, ProtocolFeature, Request, feature_mask
 
-from .harness import PROTOCOL, Guest, check_serves, wait_until
+from tests.wait import wait_for
+
+from .harness import PROTOCOL, Guest, check_serves
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -86,9 +88,9 @@ def test_read_overlaying_the_avail_ring_cannot_feed_itself(make_daemon, engine):
         rec = d.wait_since(mark, "ring_broken", timeout=10)
         assert "offered twice" in rec["reason"], rec
         assert g.err_signalled(2)
-        # The head was served once: exactly one used entry was published.
-        wait_until(lambda: q.used_idx() != base_idx, 5, what="the first completion")
-        time.sleep(0.2)
+        # The head was served once: exactly one used entry was published (nothing is
+        # popped after the ring broke).
+        wait_for(lambda: q.used_idx() != base_idx, what="the first completion")
         assert q.used_idx() == (base_idx + 1) & 0xFFFF
         assert q.read_used_elem(base_idx)[0] == h
         status = g.fe.get(Request.GET_STATUS).payload.value
@@ -161,14 +163,16 @@ def test_head_offered_again_while_its_io_is_in_flight(make_daemon, engine):
     # the reference path's timers otherwise): the request stays in flight.
     d = make_daemon("--engine", engine, "--lun", "null:64M,delay_us=300000")
     workers, deaths = _intact(d)
-    g = Guest(d, err=True)
+    mem = FrontendMemory(8 << 20)
+    g = Guest(d, err=True, mem=mem)
     try:
         q = g.queues[2]
         base_idx = q.avail_idx
         mark = d.mark()
         rd = g.submit(vs.read10(0, 8), lun=1, data_in_len=8 * BS)
         head = q.read_avail_entry(base_idx)
-        time.sleep(0.05)                          # popped: its I/O is in flight
+        # Popped (the device moved its avail_event past it): its I/O is in flight.
+        wait_for(lambda: q.avail_event() == (base_idx + 1) & 0xFFFF, what="the pop")
         q.raw_avail([head, head, head], idx=base_idx + 4)
         q.kick()
         rec = d.wait_since(mark, "ring_broken", timeout=10)
@@ -176,10 +180,12 @@ def test_head_offered_again_while_its_io_is_in_flight(make_daemon, engine):
         assert g.err_signalled(2)
         g.wait(rd, timeout=10)
         assert rd.response.ok and rd.response.status == 0
-        time.sleep(0.5)
+        g.close_and_wait()       # the ring stops: the drain must not hang
+        # Everything the device will ever publish is published now: once.
         assert q.used_idx() == (base_idx + 1) & 0xFFFF, "a head was completed twice"
     finally:
-        g.close_and_wait()       # the ring stops: the drain must not hang
+        g.close()
+        mem.close()
     d.assert_workers_intact(workers, deaths, "duplicate head in flight")
     check_serves(d)
 

@@ -243,7 +243,7 @@ def test_err_eventfd_given_before_the_kick_is_signalled(daemon, baseline):
         mark = daemon.mark()
         _broken_ring(g, 2, "avail_jump")
         daemon.wait_since(mark, "ring_needs_reset", conn=g.conn, ring=2)
-        assert g.err_signalled(2, timeout=1)
+        assert g.err_signalled(2)
     finally:
         g.close_and_wait()
 
@@ -316,7 +316,7 @@ def test_broken_control_ring_signals_err_and_needs_reset(daemon, baseline):
         mark = daemon.mark()
         _broken_ring(g, 0, "avail_jump")
         daemon.wait_since(mark, "ring_broken", conn=g.conn, vq=0)
-        assert g.err_signalled(0, timeout=1)
+        assert g.err_signalled(0)
         assert g.fe.get(Request.GET_STATUS).payload.value & 0x40
     finally:
         g.close_and_wait()

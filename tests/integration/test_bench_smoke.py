@@ -11,10 +11,10 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
+from tests.wait import wait_for
 from vscsid.client.bench import check_block
 
 pytestmark = pytest.mark.timeout(180)
@@ -154,13 +154,14 @@ def qsd(tmp_path):
          "--export", f"type=vhost-user-blk,id=exp0,node-name=disk,addr.type=unix,addr.path={sock},"
                      "writable=on,num-queues=2"],
         stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 20
-    while not sock.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("qemu-storage-daemon did not start: "
-                        + (tmp_path / "qsd.log").read_text(errors="replace"))
-        time.sleep(0.05)
+    def exited():
+        assert proc.poll() is None, "qemu-storage-daemon exited"
+    try:
+        wait_for(sock.exists, abort=exited, what="the qemu-storage-daemon socket")
+    except AssertionError as exc:
+        proc.kill()
+        pytest.fail(f"qemu-storage-daemon did not start ({exc}): "
+                    + (tmp_path / "qsd.log").read_text(errors="replace"))
     yield proc, str(sock), img
     proc.terminate()
     try:

@@ -7,9 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
+
+from tests.wait import WAIT, wait_for
 
 VSCSID = [sys.executable, "-m", "vscsid.cli"]
 
@@ -61,10 +62,9 @@ def test_default_image_is_sparse_and_served(tmp_path):
                           "--log-format", "json"], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            assert time.monotonic() < deadline and p.poll() is None
-            time.sleep(0.05)
+        def exited():
+            assert p.poll() is None, p.stderr.read()
+        wait_for(sock.exists, 2 * WAIT, abort=exited, what="the socket")
         st = os.stat(img)
         assert st.st_size == 1 << 30 and st.st_blocks == 0     # 1 GiB, nothing allocated
         hint = p.stdout.readline() + p.stdout.readline() + p.stdout.readline() \

@@ -7,6 +7,7 @@ import struct
 
 import pytest
 
+from tests.wait import WAIT
 from vscsid.client import virtio_scsi as vs
 from vscsid.client.driverq import DriverQueue
 from vscsid.client.frontend import Nack, VhostUserFrontend
@@ -32,7 +33,7 @@ class Guest:
             self.queues[index] = q
         self.builders = {i: vs.ScsiRequestBuilder(q, self.mem) for i, q in self.queues.items()}
 
-    def command(self, cdb, *, lun=0, queue=2, data_out=None, data_in_len=0, timeout=10, **kw):
+    def command(self, cdb, *, lun=0, queue=2, data_out=None, data_in_len=0, timeout=WAIT, **kw):
         b = self.builders[queue]
         q = self.queues[queue]
         h = b.command(cdb, lun=lun, data_out=data_out, data_in_len=data_in_len, publish=True, **kw)
@@ -40,7 +41,7 @@ class Guest:
             q.kick()
         return self.wait(h, queue, timeout)
 
-    def wait(self, h, queue=2, timeout=10):
+    def wait(self, h, queue=2, timeout=WAIT):
         b = self.builders[queue]
         q = self.queues[queue]
         while not h.done:

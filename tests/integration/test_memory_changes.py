@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from tests.wait import WAIT
 from vscsid.client import virtio_scsi as vs
 from vscsid.client.driverq import DriverQueue
 from vscsid.client.frontend import VhostUserFrontend
@@ -24,7 +25,7 @@ def region_msg(r):
     return MemRegionMsg(MemoryRegion(r.gpa, r.size, r.user_addr, r.mmap_offset))
 
 
-def wait(b, q, h, timeout=10):
+def wait(b, q, h, timeout=WAIT):
     while not h.done:
         b.reap()
         if not h.done:

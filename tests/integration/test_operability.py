@@ -24,9 +24,9 @@ def test_affinity_titles_and_stats(start_daemon, make_image):
     assert "vscsid: supervisor" in " ".join(psutil.Process(d.proc.pid).cmdline())
     pinned = {r["queue"]: r["cpus"] for r in d.events("worker_pinned")}
     assert pinned == {0: "0", 1: "1", 2: "0"}
-    line = d.wait_for_log("worker_stats", timeout=10, count=3)
+    line = d.wait_for_log("worker_stats", count=3)
     for key in ("cpu_user_s", "cpu_system_s", "ctx_voluntary", "ctx_involuntary", "mem_uss"):
         assert key in line, line
     assert 0 < line["mem_uss"] < 200 << 20
-    sup = d.wait_for_log("supervisor_stats", timeout=10)
+    sup = d.wait_for_log("supervisor_stats")
     assert sup["mem_uss"] > 0

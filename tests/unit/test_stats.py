@@ -6,11 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
 
+from tests.wait import wait_for
 from vscsid.stats import (
     SAMPLE_KEYS, ProcessStats, apply_affinity, format_cpus, parse_cpu_affinity, worker_cpus,
 )
@@ -34,20 +34,10 @@ def child():
         p.wait()
 
 
-def _wait_for(pred, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
-
-
 def test_sample_sleeping_child(child):
     p = child()
     st = ProcessStats()
-    s = _wait_for(lambda: st.sample(p.pid))
+    s = wait_for(lambda: st.sample(p.pid))
     assert tuple(s) == SAMPLE_KEYS
     assert s["pid"] == p.pid
     assert s["cpu_user_s"] >= 0 and s["cpu_system_s"] >= 0
@@ -63,11 +53,18 @@ def test_sample_self():
 
 
 def test_cpu_and_context_switches_grow(child):
-    p = child("import time\nend = time.time() + 0.6\nwhile time.time() < end: pass\n"
-              "for _ in range(50): time.sleep(0.001)\ntime.sleep(30)")
+    # The child burns 0.3 s of CPU (process time, however loaded the machine is)
+    # and sleeps 50 times between the two samples, which its output brackets.
+    p = child("import sys, time\nprint('ready', flush=True)\nsys.stdin.readline()\n"
+              "end = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n"
+              "for _ in range(50): time.sleep(0.001)\nprint('done', flush=True)\ntime.sleep(30)",
+              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     st = ProcessStats()
-    first = _wait_for(lambda: st.sample(p.pid))
-    time.sleep(1.0)
+    assert p.stdout.readline() == "ready\n"
+    first = st.sample(p.pid)
+    p.stdin.write("go\n")
+    p.stdin.flush()
+    assert p.stdout.readline() == "done\n"
     later = st.sample(p.pid)
     assert later["cpu_user_s"] + later["cpu_system_s"] >= first["cpu_user_s"] + first["cpu_system_s"] + 0.2
     # 50 sleeps: at least that many voluntary switches more.
@@ -112,10 +109,10 @@ def test_uss_excludes_shared_guest_memory(child):
 def test_vanished_process_returns_none(child):
     p = child()
     st = ProcessStats()
-    assert _wait_for(lambda: st.sample(p.pid))
+    assert wait_for(lambda: st.sample(p.pid))
     p.kill()
     # Not reaped yet: a zombie counts as gone.
-    _wait_for(lambda: psutil.Process(p.pid).status() == psutil.STATUS_ZOMBIE)
+    wait_for(lambda: psutil.Process(p.pid).status() == psutil.STATUS_ZOMBIE)
     assert st.sample(p.pid) is None
     p.wait()
     assert st.sample(p.pid) is None
@@ -130,7 +127,7 @@ def test_never_existed():
 def test_pid_reuse_gives_fresh_handle(child, monkeypatch):
     p1 = child()
     st = ProcessStats()
-    assert _wait_for(lambda: st.sample(p1.pid))
+    assert wait_for(lambda: st.sample(p1.pid))
     # Simulate a reused pid: the cached handle stops being "running".
     monkeypatch.setattr(st._procs[p1.pid], "is_running", lambda: False)
     old = st._procs[p1.pid]

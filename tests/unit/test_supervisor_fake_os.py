@@ -217,7 +217,9 @@ def test_hung_worker_gets_sigabrt_then_is_replaced(tmp_path):
 
     async def scenario():
         task = asyncio.create_task(sup.run())
-        await wait_for(lambda: len(ops.spawned) == 2 and sup.workers[0].state == WState.RUNNING)
+        # (>= 2: on a loaded machine a healthy replacement can miss 0.5 s of
+        # heartbeats too, and is then rightly replaced in its turn)
+        await wait_for(lambda: len(ops.spawned) >= 2 and sup.workers[0].state == WState.RUNNING)
         sup.request_stop()
         return await task
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from .protocol import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature, feature_mask
+from .vhost.protocol import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature, feature_mask
 from .virtio.defs import (  # noqa: F401  (re-exported for the supervisor)
     STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 )

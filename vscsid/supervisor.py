@@ -33,12 +33,12 @@ from .device import (
 )
 from .virtio.memory import GuestMemory, GuestMemoryError, RegionSpec, fault_count, seal_against_shrink
 from .osops import OsOps
-from .protocol import (
+from .vhost.protocol import (
     MAX_FDS, BackendCodec, ConfigPayload, Message, MemoryTable, ProtocolError,
     ProtocolFeature, Request, U64Payload, VringAddr, VringFile, VringState,
 )
-from .protocol import error_reply
-from .protocol import Inflight as InflightPayload
+from .vhost.protocol import error_reply
+from .vhost.protocol import Inflight as InflightPayload
 from .virtio.defs import MAX_MEM_SLOTS, MEMORY_BASELINE_NREGIONS
 from .virtio.inflight import queue_region_size
 from .lifecycle import Action, Policy, WState

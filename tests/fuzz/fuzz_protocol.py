@@ -18,7 +18,7 @@ import atheris
 
 with atheris.instrument_imports():
     from vscsid import device as D
-    from vscsid import protocol as P
+    from vscsid.vhost import protocol as P
 
 
 class FdLog:

@@ -17,7 +17,7 @@ from vscsid.client import virtio_scsi as vs
 from vscsid.client.driverq import DriverQueue
 from vscsid.client.frontend import Nack, VhostUserFrontend
 from vscsid.client.guestmem import FrontendMemory
-from vscsid.protocol import (
+from vscsid.vhost.protocol import (
     MemoryRegion, MemoryTable, ProtocolFeature, Request, U64Payload, VringFile, VringState,
     encode_request, feature_mask,
 )

@@ -26,7 +26,7 @@ from vscsid.client import virtio_scsi as vs
 from vscsid.client.driverq import VIRTQ_DESC_F_NEXT as N, VIRTQ_DESC_F_WRITE as W
 from vscsid.client.frontend import VhostUserFrontend
 from vscsid.client.guestmem import FrontendMemory
-from vscsid.protocol import MemoryRegion, MemRegionMsg, ProtocolFeature, Request, feature_mask
+from vscsid.vhost.protocol import MemoryRegion, MemRegionMsg, ProtocolFeature, Request, feature_mask
 
 from tests.wait import wait_for
 

@@ -19,7 +19,7 @@ from vscsid.client.driverq import (
     DESC_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
 )
 from vscsid.client.guestmem import POISON, FrontendMemory
-from vscsid.protocol import Request
+from vscsid.vhost.protocol import Request
 
 from .harness import Guest
 

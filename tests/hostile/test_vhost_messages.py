@@ -17,11 +17,11 @@ import time
 
 import pytest
 
-from vscsid import protocol as P
+from vscsid.vhost import protocol as P
 from vscsid.client import virtio_scsi as vs
 from vscsid.client.driverq import DriverQueue
 from vscsid.client.guestmem import FrontendMemory
-from vscsid.protocol import (
+from vscsid.vhost.protocol import (
     ConfigPayload, MemoryRegion, MemoryTable, Request, U64Payload, VringAddr, VringFile,
     VringState,
 )

@@ -11,7 +11,7 @@ from vscsid.client import virtio_scsi as vs
 from vscsid.client.driverq import DriverQueue
 from vscsid.client.frontend import VhostUserFrontend
 from vscsid.client.guestmem import FrontendMemory
-from vscsid.protocol import (
+from vscsid.vhost.protocol import (
     MemoryRegion, MemRegionMsg, ProtocolFeature, Request, feature_mask,
 )
 

@@ -106,7 +106,7 @@ def test_reconnect_with_a_stale_vring_base_resumes_at_the_used_index(start_daemo
     from vscsid.client.driverq import DriverQueue
     from vscsid.client.frontend import VhostUserFrontend
     from vscsid.client.guestmem import FrontendMemory
-    from vscsid.protocol import Inflight, ProtocolFeature, Request, feature_mask
+    from vscsid.vhost.protocol import Inflight, ProtocolFeature, Request, feature_mask
 
     proto = feature_mask(ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG,
                          ProtocolFeature.INFLIGHT_SHMFD)

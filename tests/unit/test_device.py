@@ -9,7 +9,7 @@ from vscsid.device import (
     CONFIG_SIZE, OFFERED_FEATURES, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_SCSI_F_CHANGE, DeviceState, Rejected, ScsiConfig,
 )
-from vscsid.protocol import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature
+from vscsid.vhost.protocol import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature
 
 
 def dev(queues=2):

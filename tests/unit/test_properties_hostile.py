@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vscsid import protocol as P
+from vscsid.vhost import protocol as P
 from vscsid.virtio.memory import GuestMemory, RegionSpec
 from vscsid.virtio import scsi_wire as R
 from vscsid.virtio import splitq as V

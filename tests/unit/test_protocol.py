@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vscsid import protocol as P
+from vscsid.vhost import protocol as P
 
 
 class FdLog:

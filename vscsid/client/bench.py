@@ -54,7 +54,7 @@ from array import array
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from vscsid.protocol import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature, feature_mask
+from vscsid.vhost.protocol import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature, feature_mask
 
 from . import virtio_scsi as vs
 from .driverq import DriverQueue

@@ -22,8 +22,8 @@ import socket
 import time
 from typing import Sequence
 
-from vscsid.device import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
-from vscsid.protocol import (
+from vscsid.virtio.defs import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
+from vscsid.vhost.protocol import (
     VHOST_USER_F_PROTOCOL_FEATURES, ConfigPayload, Empty, FrontendCodec, MemoryRegion,
     MemoryTable, Message, ProtocolFeature, Request, U64Payload,
     VringAddr, VringFile, VringState, encode_request, feature_mask,

@@ -27,6 +27,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
+from vscsid.virtio.defs import feature_mask  # noqa: F401  (re-exported: protocol features)
+
 # --------------------------------------------------------------------------- constants
 
 HEADER = struct.Struct("<III")  # request, flags, size
@@ -120,13 +122,6 @@ class ProtocolFeature(enum.IntEnum):
     XEN_MMAP = 17
     SHARED_OBJECT = 18
     DEVICE_STATE = 19
-
-
-def feature_mask(*bits: int) -> int:
-    mask = 0
-    for bit in bits:
-        mask |= 1 << int(bit)
-    return mask
 
 
 # --------------------------------------------------------------------------- payloads

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from vscsid import log as vlog
 from vscsid import messages as M
+from vscsid.config import DaemonConfig
 from vscsid.vhost.device import DeviceState, Rejected
 from vscsid.vhost.handler import MemoryFault, VhostHandler
 from vscsid.vhost.protocol import ProtocolError
@@ -25,10 +26,18 @@ from vscsid.virtio_scsi.config import ScsiConfig, ScsiPersonality
 from vscsid.virtio_scsi.controlq import ControlQueue
 from vscsid.virtio_scsi.eventq import EventQueue
 
+from .luns import LunTable
+from .osops import OsOps
 from .workerpool import WorkerGone, WorkerHandle
 
-if TYPE_CHECKING:
-    from .daemon import Supervisor
+
+class Host(Protocol):
+    """What a session uses of the supervisor that runs it."""
+    cfg: DaemonConfig
+    loop: asyncio.AbstractEventLoop
+    ops: OsOps
+    luns: LunTable
+    workers: list[WorkerHandle]
 
 
 class WorkerRing(RingServer):
@@ -82,7 +91,7 @@ class WorkerRing(RingServer):
 class Session:
     """One front-end connection (the DeviceBackend of its handler)."""
 
-    def __init__(self, sup: "Supervisor", sock: socket.socket, conn_id: int):
+    def __init__(self, sup: Host, sock: socket.socket, conn_id: int):
         self.sup = sup
         self.conn_id = conn_id
         self.loop = sup.loop

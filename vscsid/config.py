@@ -6,6 +6,9 @@ import os
 import re
 import stat
 from dataclasses import asdict, dataclass, field
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from . import inject as _inject
 
 MAX_LUNS = 256
 DEFAULT_QUEUE_SIZE = 128
@@ -28,12 +31,23 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * _UNITS[m.group(2).lower()]
 
 
+# Network LUNs (docs/network-storage.md): an NBD URI or an RBD image.
+NBD_SCHEMES = ("nbd", "nbd+unix")
+#: Default seconds a request waits for an unreachable server before it fails with
+#: NOT READY, LOGICAL UNIT IS IN PROCESS OF BECOMING READY (the guest retries it).
+DEFAULT_HOLD = 15.0
+MAX_HOLD = 3600.0
+_RBD_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
 @dataclass(frozen=True)
 class LunSpec:
     """One logical unit: ``FILE[,ro][,blocksize=512|4096][,serial=S][,rotational]...``.
 
     ``path`` may be ``null:SIZE`` for a backend without storage (reads return
-    zeros, writes are dropped), used to measure the pure protocol cost.
+    zeros, writes are dropped), used to measure the pure protocol cost; an NBD URI
+    (``nbd://HOST[:PORT]/EXPORT``, ``nbd+unix:///EXPORT?socket=PATH``); or an RBD
+    image (``rbd:POOL[/NAMESPACE]/IMAGE[@SNAP]``, with ``conf=`` and ``id=``).
     """
     path: str
     readonly: bool = False
@@ -48,10 +62,31 @@ class LunSpec:
     discard: bool = True            # UNMAP / WRITE SAME(UNMAP) punch holes
     vendor: str = "VSCSID"
     product: str = "vscsid disk"
+    conf: str = ""                  # RBD: the ceph.conf (default: librados' search path)
+    client_id: str = ""             # RBD: the cephx user without "client." (default admin)
+    hold: float = DEFAULT_HOLD      # network LUNs: seconds a request waits for the server
+    inject: str = ""                # fault injection rules (vscsid.inject), canonical text
 
     @property
     def is_null(self) -> bool:
         return self.path.startswith("null:")
+
+    @property
+    def is_nbd(self) -> bool:
+        return self.path.split("://", 1)[0].lower() in NBD_SCHEMES and "://" in self.path
+
+    @property
+    def is_rbd(self) -> bool:
+        return self.path.startswith("rbd:")
+
+    @property
+    def is_network(self) -> bool:
+        """Served through a network library (no fd, size from the server)."""
+        return self.is_nbd or self.is_rbd
+
+    def rbd_name(self) -> tuple[str, str | None, str, str | None]:
+        """``(pool, namespace, image, snap)`` of an ``rbd:`` spec."""
+        return _parse_rbd(self.path)
 
     @property
     def null_size(self) -> int:
@@ -60,7 +95,8 @@ class LunSpec:
     def effective_serial(self, index: int) -> str:
         if self.serial:
             return self.serial
-        digest = hashlib.sha256(f"{os.path.abspath(self.path)}#{index}".encode()).hexdigest()
+        where = self.path if self.is_network else os.path.abspath(self.path)
+        digest = hashlib.sha256(f"{where}#{index}".encode()).hexdigest()
         return "VS" + digest[:14].upper()
 
     def as_dict(self) -> dict:
@@ -122,14 +158,100 @@ class LunSpec:
                 if not value or len(value) > limit or not value.isascii() or not value.isprintable():
                     raise ConfigError(f"--lun {text!r}: {key} must be 1-{limit} printable ASCII characters")
                 kw[key] = value
+            elif key in ("conf", "id", "hold", "inject"):
+                _network_option(kw, key, value, text)
             else:
                 raise ConfigError(f"--lun {text!r}: unknown option {key!r}")
         spec = cls(path=path, **kw)
+        _check_network(spec, text, opts)
         if spec.is_null:
             size = spec.null_size
             if size < spec.block_size or size % spec.block_size:
                 raise ConfigError(f"--lun {text!r}: null size must be a multiple of the block size")
         return spec
+
+
+def _network_option(kw: dict, key: str, value: str, text: str) -> None:
+    """conf=, id=, hold= (network LUNs) and inject= (any LUN)."""
+    if key == "conf":
+        if not value:
+            raise ConfigError(f"--lun {text!r}: conf needs a path")
+        kw["conf"] = value
+    elif key == "id":
+        if not value or not _RBD_NAME.match(value) or value.startswith("client."):
+            raise ConfigError(f"--lun {text!r}: id must be a cephx user name without 'client.'")
+        kw["client_id"] = value
+    elif key == "hold":
+        try:
+            hold = float(value)
+        except ValueError:
+            raise ConfigError(f"--lun {text!r}: hold must be a number of seconds") from None
+        if not 1.0 <= hold <= MAX_HOLD:
+            raise ConfigError(f"--lun {text!r}: hold must be between 1 and {MAX_HOLD:.0f} seconds")
+        kw["hold"] = hold
+    else:
+        try:
+            kw["inject"] = _inject.canonical(value)
+        except _inject.InjectError as exc:
+            raise ConfigError(f"--lun {text!r}: {exc}") from None
+
+
+def _parse_rbd(path: str) -> tuple[str, str | None, str, str | None]:
+    body = path[4:]
+    name, at, snap = body.partition("@")
+    parts = name.split("/")
+    if len(parts) == 2:
+        pool, ns, image = parts[0], None, parts[1]
+    elif len(parts) == 3:
+        pool, ns, image = parts
+    else:
+        raise ConfigError(f"--lun {path!r}: an RBD LUN is rbd:POOL[/NAMESPACE]/IMAGE[@SNAP]")
+    for what, v in (("pool", pool), ("namespace", ns), ("image", image), ("snapshot", snap if at else None)):
+        if v is not None and not _RBD_NAME.match(v):
+            raise ConfigError(f"--lun {path!r}: bad RBD {what} name {v!r}")
+    return pool, ns, image, (snap if at else None)
+
+
+def _check_nbd_uri(uri: str, text: str) -> None:
+    u = urlsplit(uri)
+    scheme = u.scheme.lower()
+    if scheme not in NBD_SCHEMES:
+        raise ConfigError(f"--lun {text!r}: NBD URIs are nbd://HOST[:PORT]/EXPORT or "
+                          "nbd+unix:///EXPORT?socket=PATH")
+    query = parse_qs(u.query, keep_blank_values=True)
+    if scheme == "nbd":
+        if not u.hostname:
+            raise ConfigError(f"--lun {text!r}: nbd:// needs a host")
+        try:
+            u.port
+        except ValueError:
+            raise ConfigError(f"--lun {text!r}: bad port") from None
+    else:
+        sock = query.get("socket", [""])[0]
+        if u.netloc or not sock:
+            raise ConfigError(f"--lun {text!r}: nbd+unix:///EXPORT?socket=PATH (no host)")
+        if len(os.fsencode(unquote(sock))) >= 108:
+            raise ConfigError(f"--lun {text!r}: socket path too long")
+
+
+def _check_network(spec: LunSpec, text: str, opts: list[str]) -> None:
+    keys = {o.partition("=")[0].strip().lower() for o in opts}
+    if spec.is_nbd:
+        _check_nbd_uri(spec.path, text)
+    elif spec.is_rbd:
+        _parse_rbd(spec.path)
+    else:
+        bad = keys & {"conf", "id", "hold"}
+        if bad:
+            raise ConfigError(f"--lun {text!r}: {', '.join(sorted(bad))}: only for NBD and RBD LUNs")
+        if "://" in spec.path:
+            raise ConfigError(f"--lun {text!r}: unknown URI scheme (NBD LUNs are nbd:// or nbd+unix://)")
+        return
+    if spec.is_nbd and keys & {"conf", "id"}:
+        raise ConfigError(f"--lun {text!r}: conf and id: only for RBD LUNs")
+    bad = keys & {"direct", "aio"}
+    if spec.direct or bad:
+        raise ConfigError(f"--lun {text!r}: direct, aio and cache=none|directsync: only for files")
 
 
 def _flag(value: str, eq: str, key: str, text: str) -> bool:
@@ -144,8 +266,14 @@ def _flag(value: str, eq: str, key: str, text: str) -> bool:
 
 
 def check_lun_path(spec: LunSpec) -> None:
-    """Fail early (exit 2) when the image cannot be used."""
+    """Fail early (exit 2) when the image cannot be used. Network LUNs are not
+    looked at here (a worker connects to the server at start-up), only an RBD
+    LUN's conf file."""
     if spec.is_null:
+        return
+    if spec.is_network:
+        if spec.conf and not os.access(spec.conf, os.R_OK):
+            raise ConfigError(f"LUN {spec.path!r}: conf {spec.conf!r} is not readable")
         return
     try:
         st = os.stat(spec.path)

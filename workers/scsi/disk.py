@@ -63,6 +63,8 @@ class DiskInfo:
     max_write_same_bytes: int = 1 * GiB
     unmap_granularity_bytes: int = 4096
     discard: bool = True  # offer thin provisioning (UNMAP, WRITE SAME UNMAP) if the backend can discard
+    fua: bool = True  # MODE SENSE DPOFUA: the backend honours FUA (or flushes after the write)
+    volatile_cache: bool = True  # a write cache the backend can flush: WCE reported and changeable
 
     @classmethod
     def for_backend(cls, backend, block_size: int = 512, **kw) -> "DiskInfo":
@@ -305,12 +307,14 @@ class Disk:
         if page == ModePage.CACHING:
             b = bytearray(20)
             b[0], b[1] = page, 18
+            # Without a volatile cache (a backend that cannot flush) WCE is 0 and fixed.
+            cache = self.info.volatile_cache
             if pc == PageControl.CHANGEABLE:
-                b[2] = 0x04  # WCE is changeable
+                b[2] = 0x04 if cache else 0  # WCE is changeable
             elif pc == PageControl.DEFAULT:
-                b[2] = 0x04 if self.info.write_cache else 0
+                b[2] = 0x04 if self.info.write_cache and cache else 0
             else:
-                b[2] = 0x04 if self.state.wce else 0
+                b[2] = 0x04 if self.state.wce and cache else 0
             return bytes(b)
         if page == ModePage.CONTROL:
             b = bytearray(12)

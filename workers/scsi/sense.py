@@ -37,6 +37,8 @@ class Sense(NamedTuple):
 
 
 NO_SENSE = Sense(SenseKey.NO_SENSE, 0x00, 0x00)
+# NOT READY (a network LUN whose server cannot be reached: initiators retry it)
+LOGICAL_UNIT_BECOMING_READY = Sense(SenseKey.NOT_READY, 0x04, 0x01)
 # ILLEGAL REQUEST
 PARAMETER_LIST_LENGTH_ERROR = Sense(SenseKey.ILLEGAL_REQUEST, 0x1A, 0x00)
 INVALID_COMMAND_OPERATION_CODE = Sense(SenseKey.ILLEGAL_REQUEST, 0x20, 0x00)

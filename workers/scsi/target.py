@@ -6,6 +6,11 @@ answers it (emulated commands, errors) or returns an ``IoPlan`` for the data pat
 self-contained: ``run()`` does the backend I/O (on any thread), ``finish(result)``
 maps the outcome — a byte count or the exception ``run`` raised — to a ``ScsiResult``.
 ``execute`` is ``plan`` → ``run`` → ``finish``.
+
+``IoPlan.ios()`` is the same work as a generator of backend operations (:class:`Io`):
+a data plane with an asynchronous backend submits each one, sends the result back
+into the generator (or throws the OSError into it) and finishes the plan with the
+generator's return value; ``run_ios`` drives one synchronously.
 """
 from __future__ import annotations
 
@@ -54,6 +59,7 @@ from .sense import (
     INVALID_FIELD_IN_CDB,
     INVALID_FIELD_IN_PARAMETER_LIST,
     LBA_OUT_OF_RANGE,
+    LOGICAL_UNIT_BECOMING_READY,
     LOGICAL_UNIT_NOT_SUPPORTED,
     MISCOMPARE_DURING_VERIFY,
     NO_SENSE,
@@ -97,6 +103,10 @@ _UNMAP_HEADER = struct.Struct(">HH4x")
 _UNMAP_DESC = struct.Struct(">QI4x")
 
 _EIO_READ_OPS = frozenset(("read", "verify"))
+#: errnos of a backend whose server cannot be reached (network LUNs): NOT READY,
+#: LOGICAL UNIT IS IN PROCESS OF BECOMING READY, which initiators retry.
+_UNREACHABLE = frozenset((errno.ETIMEDOUT, errno.ENOTCONN, errno.ECONNRESET, errno.ECONNREFUSED,
+                          errno.ESHUTDOWN, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EPIPE))
 
 
 class _NullLog:
@@ -187,6 +197,90 @@ def _data_in(payload: bytes, alloc: int, din: SGList) -> ScsiResult:
     return ScsiResult(GOOD, b"", n, 0, False)
 
 
+class Io:
+    """One backend operation of a plan: ``kind`` is "read" or "write" (``views`` at
+    ``offset``, ``length`` bytes, ``fua``), "flush", "zero" (``length`` bytes at
+    ``offset`` read back as zeros; ``unmap``: may deallocate) or "discard"."""
+
+    __slots__ = ("kind", "views", "offset", "length", "fua", "unmap")
+
+    def __init__(self, kind: str, views=None, offset: int = 0, length: int = 0,
+                 fua: bool = False, unmap: bool = False) -> None:
+        self.kind = kind
+        self.views = views
+        self.offset = offset
+        self.length = length
+        self.fua = fua
+        self.unmap = unmap
+
+    def __repr__(self) -> str:
+        return f"Io({self.kind}, {self.length}@{self.offset}, fua={self.fua}, unmap={self.unmap})"
+
+
+def run_io(backend, io: Io) -> int:
+    """Do one Io synchronously on ``backend``; bytes transferred (raises OSError)."""
+    kind = io.kind
+    if kind == "read":
+        return backend.readv(io.views, io.offset)
+    if kind == "write":
+        return backend.writev(io.views, io.offset, io.fua)
+    if kind == "flush":
+        backend.flush()
+        return 0
+    if kind == "zero":
+        backend.write_zeroes(io.offset, io.length, io.unmap)
+        return io.length
+    if kind == "discard":
+        backend.discard(io.offset, io.length)
+        return io.length
+    raise AssertionError(f"unknown Io kind {kind!r}")
+
+
+def run_ios(backend, gen, sliced: bool = False):
+    """Drive an ``ios()`` generator synchronously; its return value (raises what it
+    raises). With ``sliced`` this is itself a generator that yields between two
+    operations (the slices of IoPlan.steps)."""
+    if sliced:
+        return _run_ios_sliced(backend, gen)
+    try:
+        io = next(gen)
+        while True:
+            try:
+                r = run_io(backend, io)
+            except Exception as exc:  # OSError: the generator may handle it
+                io = gen.throw(exc)
+            else:
+                io = gen.send(r)
+    except StopIteration as done:
+        return done.value
+
+
+def _run_ios_sliced(backend, gen):
+    try:
+        io = next(gen)
+        while True:
+            try:
+                r = run_io(backend, io)
+            except Exception as exc:
+                io = gen.throw(exc)
+            else:
+                io = gen.send(r)
+            yield
+    except StopIteration as done:
+        return done.value
+
+
+class InjectedFault(Exception):
+    """A fault injected by the data plane (vscsid.inject): ``sense`` with INFORMATION
+    ``lba``, after ``done`` bytes of the command moved."""
+
+    def __init__(self, sense: Sense, lba: int, done: int = 0) -> None:
+        super().__init__(f"injected {sense} at LBA {lba}")
+        self.sense = sense
+        self.lba = lba
+        self.done = done
+
+
 class IoPlan:
     """A data-path command, validated and ready to run against the backend.
 
@@ -244,30 +338,56 @@ class IoPlan:
             self.backend.flush()
             return 0
         if op in IoPlan.SLICED:
-            steps = self.steps()
-            while True:
-                try:
-                    next(steps)
-                except StopIteration as done:
-                    return done.value
+            return run_ios(self.backend, self.ios())
         raise AssertionError(f"unknown plan op {op!r}")
 
     def steps(self):
         """A sliced op as a generator: each ``next()`` does one bounded slice of the
-        work; the generator's return value is what ``run`` returns (it raises what
-        ``run`` raises)."""
+        work (one backend operation); the generator's return value is what ``run``
+        returns (it raises what ``run`` raises)."""
+        if self.op not in IoPlan.SLICED:
+            raise AssertionError(f"{self.op!r} is not a sliced op")
+        return run_ios(self.backend, self.ios(), sliced=True)
+
+    def ios(self):
+        """The plan's backend operations, one :class:`Io` at a time: send each one's
+        result (bytes) into the generator, or throw its exception; the return value
+        is what ``run`` returns."""
         op = self.op
+        if op == "read" or op == "write":
+            return _rw_ios(self)
+        if op == "flush":
+            return _flush_ios()
         if op == "verify":
-            return _verify_steps(self)
+            return _verify_ios(self)
         if op == "write_same":
-            return _write_same_steps(self)
+            return _write_same_ios(self)
         if op == "unmap":
-            return _unmap_steps(self)
-        raise AssertionError(f"{op!r} is not a sliced op")
+            return _unmap_ios(self)
+        raise AssertionError(f"unknown plan op {op!r}")
+
+    def extents(self) -> list[tuple[int, int]]:
+        """The blocks the command touches: [(lba, blocks)] (blocks 0: to the end)."""
+        if self.op == "unmap":
+            bs = self.disk.block_size
+            return [(off // bs, n // bs) for off, n in self.args]
+        return [(self.lba, self.nblocks)]
+
+    def faulty_ios(self, sense: Sense, lba: int):
+        """``ios()`` for a command with an injected fault at ``lba`` (inside the
+        command): a READ or WRITE first moves the blocks before it; then the fault."""
+        return _faulty_ios(self, sense, lba)
 
     def finish(self, result) -> ScsiResult:
         """Map ``run``'s result (bytes transferred, or the exception it raised) to a ScsiResult."""
         if isinstance(result, BaseException):
+            if isinstance(result, InjectedFault):
+                res = _check(self.disk, result.sense, information=result.lba)
+                if self.op == "read":
+                    res.data_in_len = result.done
+                elif self.op == "write":
+                    res.data_out_len = result.done
+                return res
             return self._failed(result)
         op = self.op
         if (op == "read" or op == "write") and result is not None and result < self.length:
@@ -294,6 +414,8 @@ class IoPlan:
                 sense = SPACE_ALLOCATION_FAILED_WRITE_PROTECT
             elif code == errno.EROFS:
                 sense = WRITE_PROTECTED
+            elif code in _UNREACHABLE:
+                sense = LOGICAL_UNIT_BECOMING_READY
             else:
                 sense = INTERNAL_TARGET_FAILURE
         else:
@@ -319,7 +441,39 @@ def _first_difference(a, b) -> int:
     return lo
 
 
-def _verify_steps(plan: IoPlan):
+def _rw_ios(plan: IoPlan):
+    n = yield Io(plan.op, plan.views, plan.offset, plan.length, plan.fua)
+    return n
+
+
+def _flush_ios():
+    yield Io("flush")
+    return 0
+
+
+def _prefix(views, n: int) -> list:
+    out = []
+    for v in views:
+        if n <= 0:
+            break
+        k = v.nbytes if isinstance(v, memoryview) else len(v)
+        out.append(v if k <= n else v[:n])
+        n -= k
+    return out
+
+
+def _faulty_ios(plan: IoPlan, sense: Sense, lba: int):
+    done = 0
+    if (plan.op == "read" or plan.op == "write") and lba > plan.lba:
+        k = (lba - plan.lba) * plan.disk.block_size
+        n = yield Io(plan.op, _prefix(plan.views, k), plan.offset, k, plan.fua)
+        if n < k:
+            raise OSError(errno.EIO, f"short {plan.op}: {n} of {k} bytes")
+        done = k
+    raise InjectedFault(sense, lba, done)
+
+
+def _verify_ios(plan: IoPlan):
     expected, single_block = plan.args
     bs = plan.disk.block_size
     total = plan.length
@@ -330,29 +484,24 @@ def _verify_steps(plan: IoPlan):
     pos = 0
     while pos < total:
         k = min(chunk, total - pos)
-        plan.backend.readv([mv[:k]], plan.offset + pos)
+        yield Io("read", [mv[:k]], plan.offset + pos, k)
         want = pattern[:k] if single_block else expected.copy_out(pos, k)
         got = bytes(mv[:k])
         if got != want:
             raise Miscompare(pos + _first_difference(got, want))
         pos += k
-        if pos < total:
-            yield
     return total
 
 
-def _write_same_steps(plan: IoPlan):
+def _write_same_ios(plan: IoPlan):
     block, unmap, sync = plan.args
-    backend = plan.backend
     total = plan.length
     pos = 0
     if block is None:
         while pos < total:
             k = min(ZERO_CHUNK, total - pos)
-            backend.write_zeroes(plan.offset + pos, k, unmap)
+            yield Io("zero", None, plan.offset + pos, k, unmap=unmap)
             pos += k
-            if pos < total:
-                yield
     else:
         bs = len(block)
         reps = max(1, min(total, WRITE_SAME_CHUNK) // bs)
@@ -360,27 +509,19 @@ def _write_same_steps(plan: IoPlan):
         step = mv.nbytes
         while pos < total:
             k = min(step, total - pos)
-            backend.writev([mv[:k]], plan.offset + pos, False)
+            yield Io("write", [mv[:k]], plan.offset + pos, k)
             pos += k
-            if pos < total:
-                yield
     if sync:
-        yield
-        backend.flush()
+        yield Io("flush")
     return total
 
 
-def _unmap_steps(plan: IoPlan):
-    backend = plan.backend
-    first = True
+def _unmap_ios(plan: IoPlan):
     for offset, length in plan.args:
         pos = 0
         while pos < length:
-            if not first:
-                yield
-            first = False
             k = min(ZERO_CHUNK, length - pos)
-            backend.discard(offset + pos, k)
+            yield Io("discard", None, offset + pos, k)
             pos += k
     return 0
 
@@ -766,7 +907,7 @@ def _mode_sense(t, disk, cdb, din, ten: bool):
         bd = _BLOCK_DESC_LONG.pack(disk.num_blocks, disk.block_size)
     else:
         bd = _BLOCK_DESC_SHORT.pack(min(disk.num_blocks, 0xFFFFFFFF), disk.block_size)
-    dsp = MODE_DSP_DPOFUA | (MODE_DSP_WP if disk.readonly else 0)
+    dsp = (MODE_DSP_DPOFUA if disk.info.fua else 0) | (MODE_DSP_WP if disk.readonly else 0)
     if ten:
         total = 8 + len(bd) + len(body)
         header = _MODE10_HEADER.pack(total - 2, 0, dsp, 0x01 if len(bd) == 16 else 0, len(bd))

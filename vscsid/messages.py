@@ -15,8 +15,8 @@ the request's result type (``Request.result``). The worker also sends
 =============  ==============================  ========================  ==================
 message        fields                          fds                       result
 =============  ==============================  ========================  ==================
-Configure      queue, luns, engine, poll_us,   lun_fds (per LUN, or      -
-               cdb_size, sense_size            null), state_page
+Configure      queue, queues, luns, engine,    lun_fds (per LUN, or      ConfigureResult
+               poll_us, cdb_size, sense_size   null), state_page
 MapMemory      regions, generation,            region_fds (one each)     -
                max_regions
 StartRing      size, desc, avail, used,        kick, call?, inflight?,   -
@@ -30,6 +30,7 @@ EnableRing     on                              -                         -
 StopRing       -                               -                         StopResult
 SetParams      cdb_size, sense_size            -                         -
 TaskMgmt       kind, lun, tag                  -                         TaskMgmtResult
+SetInjections  lun, inject                     -                         -
 Unmap          -                               -                         -
 Ping           -                               -                         PingResult
 Exit           -                               -                         -
@@ -170,6 +171,15 @@ class TaskMgmtResult:
 
 
 @dataclass
+class ConfigureResult:
+    """For each network LUN: its identity as the worker built it from what the server
+    advertises (``info``, a DiskInfo dict) and the server's capabilities (``facts``);
+    the supervisor hands both to later workers (a restarted worker then comes up even
+    while the server is unreachable)."""
+    luns: list = field(default_factory=list)           # [{"lun", "info", "facts"}]
+
+
+@dataclass
 class PingResult:
     stats: dict = field(default_factory=dict)
     started: bool = False
@@ -187,12 +197,15 @@ class LunEntry:
     lun: int
     spec: dict
     info: dict
+    facts: dict | None = None       # network LUNs: what the server advertised (ConfigureResult)
 
 
 @dataclass
 class Configure(Request):
     op: ClassVar[str] = "configure"
+    result: ClassVar[type] = ConfigureResult
     queue: int = 0
+    queues: int = 1                 # how many workers (network LUNs: one connection each)
     luns: list = field(default_factory=list)          # [LunEntry as dict]
     lun_fds: list = fd_list()                          # aligned with luns (None: no fd)
     state_page: int | None = fd()                      # the shared per-LUN state page
@@ -278,6 +291,15 @@ class TaskMgmt(Request):
     kind: str = ""
     lun: int | None = None          # None: every LUN (I_T nexus reset)
     tag: int = 0
+
+
+@dataclass
+class SetInjections(Request):
+    """Replace LUN ``lun``'s fault injection rules with ``inject`` (the grammar of
+    vscsid.inject; "" removes them). Every worker gets it; a bad text is refused."""
+    op: ClassVar[str] = "inject"
+    lun: int = 0
+    inject: str = ""
 
 
 @dataclass

@@ -87,6 +87,9 @@ class Engine:
     def set_params(self, cdb_size: int, sense_size: int) -> None:
         pass
 
+    def set_lun(self, number: int, spec: LunSpec) -> None:
+        """A LUN's spec changed at run time (its injections): which path serves it."""
+
     def stats(self) -> dict:
         return {}
 
@@ -175,8 +178,11 @@ class PyEngine(Engine):
 
 
 def lun_flags(spec: LunSpec, uring: bool) -> int:
-    """The engine's view of a LUN (LUN_* of _engine.h)."""
-    f = lib.LUN_PRESENT | lib.LUN_FAST
+    """The engine's view of a LUN (LUN_* of _engine.h). Network LUNs and LUNs with
+    injected faults are served by the reference path only (no LUN_FAST)."""
+    f = lib.LUN_PRESENT
+    if not (spec.is_network or spec.inject):
+        f |= lib.LUN_FAST
     if spec.readonly:
         f |= lib.LUN_RO
     if spec.is_null:
@@ -353,6 +359,10 @@ class CEngine(Engine):
     def set_params(self, cdb_size: int, sense_size: int) -> None:
         self.q.cdb_size = cdb_size
         self.q.sense_size = sense_size
+
+    def set_lun(self, number: int, spec: LunSpec) -> None:
+        if 0 <= number < lib.VSD_MAX_LUNS and self.q.luns[number].flags & lib.LUN_PRESENT:
+            self.q.luns[number].flags = lun_flags(spec, self.uring is not None)
 
     def stats(self) -> dict:
         q = self.q

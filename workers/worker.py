@@ -9,9 +9,13 @@ path here: virtio-scsi framing, the SCSI target, the backend. Completions are
 published and signalled once per pass (subject to EVENT_IDX / NO_INTERRUPT).
 
 Requests may complete out of order (the virtio spec allows it): a LUN with
-injected latency (``delay_us``) completes its I/O from a timer, and a command
+injected latency (``delay_us``) completes its I/O from a timer, a command
 that loops over the medium (VERIFY, WRITE SAME, UNMAP) runs a slice per loop
-iteration, so one queue keeps many requests in flight. Every popped head is
+iteration, and a LUN on network storage (NBD, RBD: :mod:`.backends.net`) has its
+I/O in flight on the server while the loop goes on, so one queue keeps many
+requests in flight. Fault injection (``inject=``, :mod:`vscsid.inject`) happens
+here too, for every kind of LUN: such LUNs and network LUNs bypass the C fast
+path. Every popped head is
 recorded in the queue's inflight region (shared memory that outlives this
 process, see :mod:`vscsid.virtio.inflight`) until the used index covering it is
 published, so a replacement worker — or a restarted daemon, with QEMU's help —
@@ -28,6 +32,8 @@ and GET_VRING_BASE reports an index with nothing outstanding.
 from __future__ import annotations
 
 import collections
+import dataclasses
+import errno
 import itertools
 import mmap
 import os
@@ -39,22 +45,30 @@ from typing import Any
 from vscsid import log as vlog
 from vscsid import messages as M
 from vscsid.config import LunSpec
+from vscsid.inject import InjectError, Injector
 from vscsid.virtio.inflight import InflightQueue
 from vscsid.virtio.memory import (
     GuestMemory, GuestMemoryError, RegionSpec, fault_count, guard_mapping, unguard_mapping,
 )
 from vscsid.virtio.scsi_wire import (
     LUN_BAD_TARGET, REQ_HDR, REQ_HDR_SIZE, RESP_HDR, RESP_HDR_SIZE, VIRTIO_SCSI_CDB_DEFAULT_SIZE,
-    VIRTIO_SCSI_S_BAD_TARGET, VIRTIO_SCSI_S_FAILURE, VIRTIO_SCSI_S_OK, VIRTIO_SCSI_S_OVERRUN,
+    VIRTIO_SCSI_S_ABORTED, VIRTIO_SCSI_S_BAD_TARGET, VIRTIO_SCSI_S_FAILURE, VIRTIO_SCSI_S_OK,
+    VIRTIO_SCSI_S_OVERRUN, VIRTIO_SCSI_S_RESET,
     VIRTIO_SCSI_SENSE_DEFAULT_SIZE, decode_lun, gather, scatter, split_views,
 )
 from vscsid.virtio.splitq import ChainError, RingError, SplitQueue
 
 from .engine import CEngine, Engine, PyEngine
 from .scsi import ScsiResult, SGList
+from .scsi.sense import INTERNAL_TARGET_FAILURE, UNRECOVERED_READ_ERROR, WRITE_ERROR
+from .scsi.target import run_ios
 from .timers import Timers
 
 BATCH_LIMIT = 1024   # requests per pass before the control channel gets a look
+#: TMFs whose matching commands end with the command aborted (the others report only)
+_ABORTING_TMFS = frozenset(("abort_task", "abort_task_set", "clear_task_set",
+                            "logical_unit_reset", "i_t_nexus_reset"))
+_RESET_TMFS = frozenset(("logical_unit_reset", "i_t_nexus_reset"))
 
 
 def _test_poison(text: str | None) -> dict[int, str]:
@@ -72,15 +86,27 @@ def _test_poison(text: str | None) -> dict[int, str]:
 
 _POISON = _test_poison(os.environ.get("VSCSID_TEST_POISON"))
 
+#: seconds between two ticks of the network backends while they have work or are down
+NET_TICK = 0.25
+
+
+def _fault_sense(fault: str, op: str):
+    """The sense of an injected fault (vscsid.inject)."""
+    if fault == "hardware":
+        return INTERNAL_TARGET_FAILURE
+    return UNRECOVERED_READ_ERROR if op in ("read", "verify") else WRITE_ERROR
+
 
 class Pending:
     """A request whose I/O is in flight (completes later, possibly out of order)."""
 
     __slots__ = ("head", "plan", "in_", "in_data_len", "out_data_len", "resp_len", "lun", "tag",
-                 "steps")
+                 "steps", "gen", "abort")
 
     def __init__(self, head, plan, in_, in_data_len, out_data_len, resp_len, lun, tag):
         self.steps = None          # the slices still to run (IoPlan.steps) of a long command
+        self.gen = None            # its backend operations (IoPlan.ios) on an asynchronous backend
+        self.abort = None          # a TMF aborted it: the virtio-scsi response it completes with
         self.head = head
         self.plan = plan
         self.in_ = in_
@@ -131,11 +157,31 @@ class Worker:
         self._ring: M.StartRing | None = None   # the ring's settings while started
         self._faults = fault_count()
         self.epoll.register(self.timers.fd, select.EPOLLIN)
+        # Network LUNs and fault injection (the reference path only).
+        self.special: set[int] = set()         # LUNs that need _execute_special
+        self.injectors: dict[int, Injector] = {}
+        self.net: dict[int, Any] = {}          # lun -> asynchronous backend
+        self.net_fds: dict[int, Any] = {}      # fd registered in epoll -> its backend
+        self.net_pending: set[Pending] = set()  # I/O out in an asynchronous backend
+        self.hung: list[Pending] = []          # injected commands that never complete
+        self.tmfs: list[list] = []             # [msg, response, {Pending}] awaiting completions
+        self._net_dirty: set = set()
+        self.ticker = Timers()                 # tick of the network backends
+        self.epoll.register(self.ticker.fd, select.EPOLLIN)
+        self._deferred: collections.deque = collections.deque()   # control ops during a drain
+        self.stats.update(injected=0, aborted=0, hung=0)
 
     # ------------------------------------------------------------------ loop
     def run(self) -> int:
         self.epoll.register(self.chan.fileno(), select.EPOLLIN)
         while self.running:
+            while self._deferred and self.running:
+                # Control ops that came while a drain waited on network I/O.
+                self._dispatch(self._deferred.popleft())
+            if not self.running:
+                break
+            if self.ticker:
+                self.ticker.arm()
             if (self._can_process() and not self.timers and not self.resubmit
                     and not self.poisoned and not self.long_ops):
                 slow = self.eng.serve(self.epoll.fileno(), self.kick_fd,
@@ -179,6 +225,16 @@ class Worker:
                     kicked = True
                 elif fd == self.timers.fd:
                     self.timers.ack()
+                elif fd == self.ticker.fd:
+                    self.ticker.ack()
+                    self._net_tick()
+                else:
+                    b = self.net_fds.get(fd)
+                    if b is not None:
+                        b.handle_events(_ev)
+                        self._net_dirty.add(b)
+            if self._net_dirty:
+                self._net_service()
             if self.timers:
                 self._expire_timers()
             if self.long_ops:
@@ -201,7 +257,7 @@ class Worker:
 
     @property
     def in_flight(self) -> int:
-        return (len(self.timers) + len(self.long_ops)
+        return (len(self.timers) + len(self.long_ops) + len(self.net_pending) + len(self.hung)
                 + (self.eng.in_flight if self.eng is not None else 0))
 
     # ------------------------------------------------------------------ data path
@@ -337,6 +393,9 @@ class Worker:
         data_in = SGList(split_views(in_, resp_len) if in_data_len else [])
         plan = self.target.plan(lun, hdr[REQ_HDR_SIZE:], data_out, data_in, task_tag=tag)
         if type(plan) is not ScsiResult:
+            if lun in self.special:
+                return self._execute_special(
+                    Pending(chain.head, plan, in_, in_data_len, out_data_len, resp_len, lun, tag))
             delay = self.delays.get(lun)
             if delay or plan.sliced:
                 p = Pending(chain.head, plan, in_, in_data_len, out_data_len, resp_len, lun, tag)
@@ -353,6 +412,166 @@ class Worker:
                 n = exc
             plan = plan.finish(n)
         return self._result(plan, in_, in_data_len, out_data_len, resp_len)
+
+    # ------------------------------------------------------------------ network LUNs, injection
+    def _execute_special(self, p: Pending) -> int | None:
+        """A data-path command on a network LUN or a LUN with injected faults."""
+        plan = p.plan
+        delay = self.delays.get(p.lun, 0.0)
+        inj = self.injectors.get(p.lun)
+        if inj is not None:
+            d = inj.decide(plan.op, plan.extents())
+            if d is not None:
+                self.stats["injected"] += 1
+                delay += d.delay
+                if d.fault == "hang":
+                    self.stats["hung"] += 1
+                    self.glog.warning("fault_injected", fault="hang", lun=p.lun, tag=p.tag,
+                                      op=plan.op, lba=plan.lba, blocks=plan.nblocks)
+                    self.hung.append(p)
+                    self._note_inflight()
+                    return None
+                if d.fault is not None:
+                    self.glog.warning("fault_injected", fault=d.fault, lun=p.lun, tag=p.tag,
+                                      op=plan.op, lba=d.lba)
+                    p.gen = plan.faulty_ios(_fault_sense(d.fault, plan.op), d.lba)
+        if delay:
+            self.timers.add(delay, p)
+            self._note_inflight()
+            return None
+        return self._run_pending(p)
+
+    def _note_inflight(self) -> None:
+        n = self.in_flight
+        if n > self.stats["max_inflight"]:
+            self.stats["max_inflight"] = n
+
+    def _run_pending(self, p: Pending) -> int | None:
+        """Run a request's I/O now: finished (the bytes written), or None when it
+        stays in flight (an asynchronous backend, or a sliced command)."""
+        plan = p.plan
+        backend = plan.backend
+        if getattr(backend, "asynchronous", False):
+            if p.gen is None:
+                p.gen = plan.ios()
+            self.net_pending.add(p)
+            self._note_inflight()
+            self._net_advance(p, None)
+            return None
+        if p.gen is not None:
+            try:
+                n = run_ios(backend, p.gen)
+            except Exception as exc:  # the injected fault, or the backend's OSError
+                n = exc
+        elif plan.sliced:
+            self._start_long(p)
+            return None
+        else:
+            try:
+                n = plan.run()
+            except Exception as exc:
+                n = exc
+        res = plan.finish(n)
+        return self._result(res, p.in_, p.in_data_len, p.out_data_len, p.resp_len)
+
+    def _net_advance(self, p: Pending, result) -> None:
+        """Feed the last backend operation's result into the request's IoPlan.ios()
+        generator and submit the next operation, or finish the request."""
+        gen = p.gen
+        try:
+            if result is None:
+                io = next(gen)
+            elif isinstance(result, BaseException):
+                io = gen.throw(result)
+            else:
+                io = gen.send(result)
+        except StopIteration as done:
+            self._finish(p, done.value)
+            return
+        except Exception as exc:  # OSError, Miscompare, the injected fault
+            self._finish(p, exc)
+            return
+        if p.abort is not None:
+            # Aborted while an earlier operation was out: the rest is not started.
+            self._finish(p, None)
+            return
+        backend = p.plan.backend
+        backend.submit(io, p)
+        self._net_dirty.add(backend)
+
+    def _net_service(self) -> None:
+        """Collect the network backends' completions, keep their fds registered."""
+        while self._net_dirty:
+            b = self._net_dirty.pop()
+            while b.has_completions:
+                for ctx, res in b.completions():
+                    self._net_advance(ctx, res)
+            self._net_sync(b)
+        if not self.ticker and any(b.needs_tick for b in self.net.values()):
+            self.ticker.add(NET_TICK, None)
+
+    def _net_tick(self) -> None:
+        for _ in self.ticker.due():
+            pass
+        now = time.monotonic()
+        for b in self.net.values():
+            if b.needs_tick:
+                b.tick(now)
+                self._net_dirty.add(b)
+        self._net_service()
+
+    def _net_sync(self, b) -> None:
+        """Register the backend's fd for the events it waits for. A connection that
+        died took its fd with it (epoll drops a closed fd by itself), so a changed
+        ``fd_epoch`` only forgets the old registration; so does a handshake in
+        progress (libnbd may move to another socket of a TCP address list)."""
+        fd = b.fileno()
+        ev = b.events() if fd >= 0 else 0
+        reg = getattr(b, "_reg", None)
+        if reg is not None and (reg[0] != b.fd_epoch or reg[1] != fd or b.connecting):
+            if self.net_fds.get(reg[1]) is b:
+                del self.net_fds[reg[1]]
+            reg = b._reg = None
+        if fd < 0 or not ev:
+            return
+        if reg is None:
+            try:
+                self.epoll.register(fd, ev)
+            except FileExistsError:
+                self.epoll.modify(fd, ev)
+            self.net_fds[fd] = b
+            b._reg = (b.fd_epoch, fd, ev)
+        elif reg[2] != ev:
+            self.epoll.modify(fd, ev)
+            b._reg = (reg[0], fd, ev)
+
+    def _net_unwatch(self, b) -> None:
+        """The backend is about to close a live fd: unregister it while it is ours."""
+        reg = getattr(b, "_reg", None)
+        if reg is None:
+            return
+        b._reg = None
+        if self.net_fds.get(reg[1]) is b:
+            del self.net_fds[reg[1]]
+            if reg[0] == b.fd_epoch:
+                try:
+                    self.epoll.unregister(reg[1])
+                except OSError:
+                    pass
+
+    def _abort(self, p: Pending, response: int) -> bool:
+        """A TMF aborts ``p``: True if it is completed now (with ``response``), False
+        if its I/O is out on a server and it completes when that comes back."""
+        self.stats["aborted"] += 1
+        if p in self.net_pending:
+            p.abort = response
+            if not p.plan.backend.abort(p):
+                return False
+            self._finish(p, None)
+            return True
+        p.abort = response
+        self._finish(p, None)
+        return True
 
     def _result(self, res: ScsiResult, in_, in_data_len: int, out_data_len: int,
                 resp_len: int) -> int:
@@ -402,23 +621,40 @@ class Worker:
         self._finish(p, result)
 
     def _finish(self, p: Pending, result) -> None:
-        res = p.plan.finish(result)
-        self._complete(p.head, self._result(res, p.in_, p.in_data_len, p.out_data_len,
-                                            p.resp_len))
+        self.net_pending.discard(p)
+        if p.abort is not None:
+            # Aborted by a TMF (virtio-scsi: VIRTIO_SCSI_S_ABORTED, or _RESET for a reset).
+            self._respond(p.in_, 0, p.in_data_len or p.out_data_len, 0, p.abort, b"")
+            self._complete(p.head, p.resp_len)
+        else:
+            res = p.plan.finish(result)
+            self._complete(p.head, self._result(res, p.in_, p.in_data_len, p.out_data_len,
+                                                p.resp_len))
+        if self.tmfs:
+            self._tmf_progress(p)
 
     def _expire_timers(self, everything: bool = False) -> None:
         for p in self.timers.due(everything):
-            if p.plan.sliced:
-                self._start_long(p)
-                continue
-            try:
-                n = p.plan.run()
-            except Exception as exc:
-                n = exc
-            self._finish(p, n)
+            written = self._run_pending(p)
+            if written is not None:
+                self._complete(p.head, written)
 
     def drain(self) -> None:
         """Complete everything in flight (before a stop or a memory change)."""
+        self._drain_local()
+        if self.hung:
+            # Injected commands that never complete: reset (Linux retries those).
+            for p in list(self.hung):
+                self.hung.remove(p)
+                p.abort = VIRTIO_SCSI_S_RESET
+                self._finish(p, None)
+        if self.net_pending:
+            self._drain_net()
+        self._flush()
+
+    def _drain_local(self) -> None:
+        """What completes without waiting for anyone: the engine's own I/O, delayed
+        requests (their I/O runs now), long commands."""
         if self.eng is not None:
             for head in self.eng.drain():
                 self._start(head)      # failed asynchronous I/O: the reference path answers
@@ -426,7 +662,69 @@ class Worker:
             self._expire_timers(everything=True)
         while self.long_ops:
             self._step_long_ops()
-        self._flush()
+
+    def _drain_net(self) -> None:
+        """Wait for the I/O out on network servers. The wait is bounded by each
+        backend's hold time (a dead server's requests fail as soon as the drain
+        starts); heartbeats are answered meanwhile and other control ops wait
+        until the drain is done."""
+        for b in self.net.values():
+            b.draining = True
+        waits = select.epoll()
+        try:
+            waits.register(self.chan.fileno(), select.EPOLLIN)
+            waits.register(self.ticker.fd, select.EPOLLIN)
+            start = time.monotonic()
+            self._net_tick()
+            while self.net_pending and self.running:
+                watched = {}
+                for b in self.net.values():
+                    fd = b.fileno()
+                    ev = b.events() if fd >= 0 else 0
+                    if ev:
+                        waits.register(fd, ev)
+                        watched[fd] = b
+                if self.ticker:
+                    self.ticker.arm()
+                try:
+                    events = waits.poll(NET_TICK)
+                except InterruptedError:
+                    events = []
+                for fd in watched:
+                    waits.unregister(fd)
+                for fd, ev in events:
+                    if fd == self.chan.fileno():
+                        self._control_while_draining()
+                    elif fd == self.ticker.fd:
+                        self.ticker.ack()
+                    elif fd in watched:
+                        watched[fd].handle_events(ev)
+                        self._net_dirty.add(watched[fd])
+                self._net_tick()
+            if self.net_pending:
+                self.log.error("network_drain_incomplete", left=len(self.net_pending))
+            else:
+                self.log.info("network_drained", seconds=round(time.monotonic() - start, 3))
+        finally:
+            waits.close()
+            for b in self.net.values():
+                b.draining = False
+            self._net_service()
+
+    def _control_while_draining(self) -> None:
+        """A control message during a drain: heartbeats are answered, the rest waits."""
+        try:
+            msg = M.recv(self.chan, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except (M.ChannelClosed, M.ChannelError, OSError) as exc:
+            self.log.error("control_channel_error", error=str(exc) or "closed")
+            self.running = False
+            return
+        if isinstance(msg, M.Ping):
+            self.on_ping(msg)
+        else:
+            self._deferred.append(msg)
 
     def _respond(self, in_views, sense_len, residual, status, response, sense) -> None:
         first = in_views[0]
@@ -488,6 +786,9 @@ class Worker:
         except (M.ChannelError, OSError) as exc:
             self.log.error("control_channel_error", error=str(exc))
             return False
+        return self._dispatch(msg)
+
+    def _dispatch(self, msg: M.Message) -> bool:
         handler = getattr(self, f"on_{msg.op}", None) if isinstance(msg, M.Request) else None
         if handler is None:
             for fd in msg.fds():
@@ -518,23 +819,87 @@ class Worker:
                 os.close(msg.state_page)
         luns = {}
         delays = {}
-        for entry, fd in zip(msg.lun_entries(), msg.lun_fds):
-            spec = LunSpec.from_dict(entry.spec)
-            number = int(entry.lun)
-            # Injected latency is served by the worker's timers (the I/O stays in
-            # flight), not by sleeping in the backend.
-            backend = _make_backend(spec, -1 if fd is None else fd)
-            if spec.delay_us:
-                delays[number] = spec.delay_us / 1e6
-            info = DiskInfo(**entry.info)
-            state = (LunState.from_buffer(memoryview(self.state_mm)[number:number + 1])
-                     if self.state_mm is not None else LunState(wce=not spec.writethrough))
-            luns[number] = Disk(info, backend, state=state, log=self.glog.bind(lun=number))
-            self.lun_specs[number] = spec
+        net = {}
+        injectors = {}
+        reports = []
+        try:
+            for entry, fd in zip(msg.lun_entries(), msg.lun_fds):
+                spec = LunSpec.from_dict(entry.spec)
+                number = int(entry.lun)
+                # Injected latency is served by the worker's timers (the I/O stays in
+                # flight), not by sleeping in the backend.
+                backend = _make_backend(spec, -1 if fd is None else fd, queues=msg.queues,
+                                        facts=entry.facts, log=self.log.bind(lun=number))
+                if spec.delay_us:
+                    delays[number] = spec.delay_us / 1e6
+                info = DiskInfo(**entry.info)
+                if getattr(backend, "asynchronous", False):
+                    net[number] = backend
+                    if not info.num_blocks:
+                        # The first worker to reach the server: the LUN's identity follows
+                        # what the server advertises, and the supervisor keeps it.
+                        info = dataclasses.replace(info, **backend.disk_overrides(info))
+                    reports.append({"lun": number, "info": dataclasses.asdict(info),
+                                    "facts": backend.facts()})
+                    self.log.info("network_lun", lun=number, **backend.describe())
+                if spec.inject:
+                    injectors[number] = Injector.from_text(spec.inject)
+                state = (LunState.from_buffer(memoryview(self.state_mm)[number:number + 1])
+                         if self.state_mm is not None else LunState(wce=not spec.writethrough))
+                luns[number] = Disk(info, backend, state=state, log=self.glog.bind(lun=number))
+                self.lun_specs[number] = spec
+        except BaseException:
+            for b in net.values():
+                b.close()
+            raise
+        for b in self.net.values():
+            b.close()
         self.luns = luns
         self.delays = delays
+        self.net = net
+        for b in net.values():
+            b.release_fd = lambda b=b: self._net_unwatch(b)
+            self._net_dirty.add(b)
+        self.injectors = {n: i for n, i in injectors.items() if i is not None}
+        self.special = set(net) | set(self.injectors)
         self.target = ScsiTarget(luns, log=self.glog)
-        self.log.info("worker_configured", luns=sorted(luns), engine=self.engine_kind)
+        self._net_service()
+        self.log.info("worker_configured", luns=sorted(luns), engine=self.engine_kind,
+                      network=sorted(net), inject=sorted(self.injectors))
+        self._reply(msg, result=M.ConfigureResult(luns=reports))
+
+    def on_inject(self, msg: M.SetInjections) -> None:
+        """Replace a LUN's fault injection rules (vscsid.inject; "" removes them)."""
+        number = msg.lun
+        spec = self.lun_specs.get(number)
+        if spec is None or number not in self.luns:
+            self._reply(msg, ok=False, error=f"no LUN {number}")
+            return
+        try:
+            inj = Injector.from_text(msg.inject)
+        except InjectError as exc:
+            self._reply(msg, ok=False, error=str(exc))
+            return
+        text = "+".join(r.text() for r in inj.rules) if inj is not None else ""
+        self.lun_specs[number] = spec = dataclasses.replace(spec, inject=text)
+        if inj is None:
+            self.injectors.pop(number, None)
+        else:
+            self.injectors[number] = inj
+        self.special = set(self.net) | set(self.injectors)
+        if self.eng is not None:
+            self.eng.set_lun(number, spec)
+        released = 0
+        if self.hung and (inj is None or not inj.hangs()):
+            # Commands held by a hang rule that is gone run now.
+            for p in [p for p in self.hung if p.lun == number]:
+                self.hung.remove(p)
+                released += 1
+                written = self._run_pending(p)
+                if written is not None:
+                    self._complete(p.head, written)
+            self._flush()
+        self.log.info("injection_changed", lun=number, inject=text, released=released)
         self._reply(msg)
 
     def on_mem(self, msg: M.MapMemory) -> None:
@@ -809,22 +1174,47 @@ class Worker:
         self.enabled = False
         self._reply(msg)
 
+    def _matches(self, msg: M.TaskMgmt, p: Pending) -> bool:
+        if msg.lun is not None and p.lun != msg.lun:
+            return False
+        return p.tag == msg.tag if msg.kind in ("abort_task", "query_task") else True
+
     def on_tmf(self, msg: M.TaskMgmt) -> None:
-        """Task management. Requests in flight (injected latency, long commands) that
-        match are completed before the answer — with their real result, since the
-        I/O cannot be recalled — so when the TMF completes nothing matching is active."""
-        found = False
-        for p in itertools.chain(self.timers.items(), self.long_ops):
-            if msg.lun is not None and p.lun != msg.lun:
-                continue
-            if msg.kind in ("abort_task", "query_task"):
-                if p.tag == msg.tag:
-                    found = True
-            else:
-                found = True
-        if found and msg.kind not in ("query_task", "query_task_set"):
-            self.drain()
-        self._reply(msg, result=M.TaskMgmtResult(found=found))
+        """Task management. When the answer goes out, nothing matching is active any
+        more: delayed requests and long commands run to completion first (with their
+        real result), injected never-completing commands and requests held for an
+        unreachable server are completed as aborted (VIRTIO_SCSI_S_ABORTED, or
+        VIRTIO_SCSI_S_RESET for a reset), and requests whose I/O is out on a network
+        server are aborted when the server gives their buffers back -- the answer
+        then waits for them, while the loop goes on."""
+        m = self._matches
+        found = any(m(msg, p) for p in itertools.chain(
+            self.timers.items(), self.long_ops, self.net_pending, self.hung))
+        if not found or msg.kind not in _ABORTING_TMFS:
+            self._reply(msg, result=M.TaskMgmtResult(found=found))
+            return
+        if any(m(msg, p) for p in itertools.chain(self.timers.items(), self.long_ops)):
+            self._drain_local()
+        response = VIRTIO_SCSI_S_RESET if msg.kind in _RESET_TMFS else VIRTIO_SCSI_S_ABORTED
+        for p in [p for p in self.hung if m(msg, p)]:
+            self.hung.remove(p)
+            self._abort(p, response)
+        waiting = {p for p in list(self.net_pending) if m(msg, p) and not self._abort(p, response)}
+        self._flush()
+        if waiting:
+            self.tmfs.append([msg, waiting])
+            self.log.info("tmf_waiting", tmf=msg.kind, lun=msg.lun, tag=msg.tag,
+                          in_flight=len(waiting))
+        else:
+            self._reply(msg, result=M.TaskMgmtResult(found=True))
+
+    def _tmf_progress(self, p: Pending) -> None:
+        for t in list(self.tmfs):
+            t[1].discard(p)
+            if not t[1]:
+                self.tmfs.remove(t)
+                self._flush()
+                self._reply(t[0], result=M.TaskMgmtResult(found=True))
 
     def on_ping(self, msg: M.Ping) -> None:
         self._reply(msg, result=M.PingResult(stats=self._merged_stats(), started=self.started,
@@ -838,6 +1228,10 @@ class Worker:
         self._reply(msg)
 
     def close(self) -> None:
+        for b in self.net.values():
+            b.close()
+        self.net = {}
+        self.ticker.close()
         self.timers.close()
         self._close_engine()
         self._set_kick(-1)
@@ -848,9 +1242,24 @@ class Worker:
         self._close_memory()
 
 
-def _make_backend(spec: LunSpec, fd: int):
+def _make_backend(spec: LunSpec, fd: int, *, queues: int = 1, facts: dict | None = None, log=None):
     from .backends import FileBackend, NullBackend
 
+    if spec.is_nbd:
+        from .backends.net import NbdBackend
+
+        b = NbdBackend(spec.path, readonly=spec.readonly, hold=spec.hold, facts=facts, log=log)
+        # Several connections to a server that does not promise a shared cache
+        # (NBD multi-conn): every write goes out FUA (see docs/network-storage.md).
+        b.writethrough = queues > 1 and not b.client.can_multi_conn and not b.readonly
+        return b
+    if spec.is_rbd:
+        from .backends.net import RbdBackend
+
+        pool, ns, image, snap = spec.rbd_name()
+        return RbdBackend(pool, image, namespace=ns, snap=snap, conf=spec.conf or None,
+                          client_id=spec.client_id or "admin", readonly=spec.readonly,
+                          hold=spec.hold, log=log)
     if spec.is_null:
         return NullBackend(spec.null_size, readonly=spec.readonly)
     return FileBackend.from_fd(fd, readonly=spec.readonly, path=spec.path, direct=spec.direct)

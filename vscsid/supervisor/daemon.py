@@ -73,13 +73,33 @@ class Supervisor:
     async def _configure(self, w: WorkerHandle) -> None:
         cfg = self.session.config if self.session else None
         msg = self.luns.configure_message(
-            queue=w.queue, engine=self.cfg.engine, poll_us=self.cfg.poll_us,
+            queue=w.queue, queues=self.cfg.num_queues, engine=self.cfg.engine,
+            poll_us=self.cfg.poll_us,
             cdb_size=cfg.cdb_size if cfg else VIRTIO_SCSI_CDB_DEFAULT_SIZE,
             sense_size=cfg.sense_size if cfg else VIRTIO_SCSI_SENSE_DEFAULT_SIZE)
         rep = await w.request(msg, timeout=60)
         if not rep.ok:
             raise RuntimeError(f"worker {w.queue} failed to configure: {rep.error}")
+        self.luns.learn(rep.result(M.Configure), w.queue)
         w.life.configured(self.ops.monotonic())
+
+    async def set_injections(self, lun: int, text: str) -> str:
+        """Change LUN ``lun``'s fault injection rules on every worker at run time
+        (vscsid.inject grammar; "" removes them); returns the canonical text. This is
+        what an admin-socket method calls. Raises ValueError for a bad LUN or text,
+        RuntimeError when a worker refuses."""
+        canon = self.luns.set_injections(lun, text)
+        errors = []
+        for w in self.workers:
+            if w.chan is None:
+                continue            # a restarting worker gets the rules with its configure
+            rep = await w.request(M.SetInjections(lun=lun, inject=canon), timeout=30)
+            if not rep.ok:
+                errors.append(f"worker {w.queue}: {rep.error}")
+        if errors:
+            raise RuntimeError("; ".join(errors))
+        self.log.info("injection_set", lun=lun, inject=canon)
+        return canon
 
     def _on_worker_exit(self, w: WorkerHandle, code: int) -> None:
         if self.stopping:

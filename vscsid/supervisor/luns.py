@@ -1,11 +1,20 @@
-"""The LUN table: what the supervisor opened once and hands to every worker."""
+"""The LUN table: what the supervisor opened once and hands to every worker.
+
+Network LUNs (NBD, RBD) have no fd here: each worker connects to the server itself.
+Their size and capabilities come from the server, so the first worker to
+configure reports the LUN's identity (:meth:`LunTable.learn`) and every later
+worker gets that same identity.
+"""
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import stat
 import struct
 
+from vscsid import inject as _inject
+from vscsid import log as vlog
 from vscsid import messages as M
 from vscsid.config import LunSpec
 
@@ -22,7 +31,12 @@ class LunTable:
         self.fds: list[int] = []
         self.sizes: list[int] = []
         self.ops = ops
+        self.learned: dict[int, dict] = {}       # network LUN -> {"info", "facts"}
         for spec in specs:
+            if spec.is_network:
+                self.fds.append(-1)
+                self.sizes.append(0)             # unknown until a worker reports it
+                continue
             if spec.is_null:
                 self.fds.append(-1)
                 self.sizes.append(spec.null_size)
@@ -38,10 +52,46 @@ class LunTable:
 
     def configure_message(self, **settings) -> M.Configure:
         """What a worker is told of the LUNs (the fds stay ours)."""
-        entries = [{"lun": i, "spec": spec.as_dict(), "info": disk_info(spec, i, self.sizes[i])}
-                   for i, spec in enumerate(self.specs)]
+        entries = []
+        for i, spec in enumerate(self.specs):
+            got = self.learned.get(i)
+            entries.append({"lun": i, "spec": spec.as_dict(),
+                            "info": got["info"] if got else disk_info(spec, i, self.sizes[i]),
+                            "facts": got["facts"] if got else None})
         return M.Configure(luns=entries, lun_fds=[fd if fd >= 0 else None for fd in self.fds],
                            state_page=self.state_fd, **settings)
+
+    def learn(self, result: M.ConfigureResult, queue: int) -> None:
+        """A worker's report of its network LUNs: the first one is kept; a later one
+        that differs in size is logged (the guest keeps the first)."""
+        log = vlog.get()
+        for rep in result.luns:
+            i = int(rep["lun"])
+            if not 0 <= i < len(self.specs) or not self.specs[i].is_network:
+                continue
+            info = rep["info"]
+            size = int(info["num_blocks"]) * int(info["block_size"])
+            known = self.learned.get(i)
+            if known is None:
+                self.learned[i] = {"info": info, "facts": rep.get("facts")}
+                self.sizes[i] = size
+                log.info("network_lun_identity", lun=i, spec=self.specs[i].path, bytes=size,
+                         readonly=info.get("readonly"), write_cache=info.get("volatile_cache"),
+                         fua=info.get("fua"), discard=info.get("discard"), queue=queue)
+            elif size != self.sizes[i]:
+                log.warning("network_lun_size_differs", lun=i, spec=self.specs[i].path,
+                            bytes=size, known=self.sizes[i], queue=queue)
+
+    def set_injections(self, lun: int, text: str) -> str:
+        """Record LUN ``lun``'s new injection rules (so restarted workers get them);
+        returns the canonical text. Raises ValueError for a bad LUN or text."""
+        if not self.exists(lun):
+            raise ValueError(f"no LUN {lun}")
+        canon = _inject.canonical(text)
+        specs = list(self.specs)
+        specs[lun] = dataclasses.replace(specs[lun], inject=canon)
+        self.specs = tuple(specs)
+        return canon
 
     def exists(self, lun: int) -> bool:
         return 0 <= lun < len(self.specs)

@@ -178,6 +178,8 @@ class NbdClient:
         self.max_in_flight = max_in_flight
         self._nocb = self._ffi.new("nbd_completion_callback *")[0]
         self._h = None
+        self._probe = select.poll()            # handle_replies: is there more to read?
+        self._probe_fd = -1
         self._cmds: dict[int, _Request] = {}   # NBD cookie -> request
         self._failed: list[tuple[int, int]] = []
         self._next_token = 1
@@ -375,6 +377,43 @@ class NbdClient:
             self._mark_dead(errno.ECONNRESET)
         if self._connecting:
             self._check_connect()
+
+    def handle_replies(self, revents: int, limit: int = 16) -> None:
+        """:meth:`handle_events`, repeated (up to ``limit`` times) while replies keep
+        coming and the socket still has data: one epoll wake-up then takes in the
+        replies that arrived together, instead of one per loop iteration. (libnbd must
+        not be told to read when nothing is there: it would then wait for a reply
+        before it sends the next command.)"""
+        lib = self._lib
+        self.handle_events(revents)
+        for _ in range(limit - 1):
+            h = self._h
+            if h is None or self.dead_errno or lib.nbd_aio_in_flight(h) <= 0:
+                return
+            if not lib.nbd_aio_get_direction(h) & AIO_DIRECTION_READ:
+                return
+            fd = lib.nbd_aio_get_fd(h)
+            if fd < 0:
+                return
+            if self._probe_fd != fd:
+                if self._probe_fd >= 0:
+                    self._probe.unregister(self._probe_fd)
+                self._probe.register(fd, select.POLLIN)
+                self._probe_fd = fd
+            if not self._probe.poll(0):
+                return
+            self.handle_events(EPOLLIN)
+
+    def refresh_state(self) -> bool:
+        """Whether the connection is dead, looking at libnbd's own state (a send in a
+        submit call may have found it gone before any event did)."""
+        if self.dead:
+            return True
+        lib, h = self._lib, self._h
+        if lib.nbd_aio_is_dead(h) or lib.nbd_aio_is_closed(h):
+            self._mark_dead(lib.nbd_get_errno() or errno.ECONNRESET)
+            return True
+        return False
 
     def poll(self) -> list[tuple[int, int]]:
         """Retire finished commands: ``[(token, err)]`` with err 0 for success or an errno,

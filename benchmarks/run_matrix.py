@@ -9,13 +9,22 @@ driven by ``vscsid-bench``. Reports IOPS, p50/p99 latency, the daemon's CPU
 per request (utime+stime of the daemon and all its descendants from
 /proc/<pid>/stat, sampled by the bench at the edges of its measurement window),
 and the bench's own CPU per request; then QD1 vs QD32 on a vscsid LUN with
-``delay_us=200``; then the bench's own ceiling against its in-process loopback
-device.
+``delay_us=200``; then network storage: an NBD export of the same tmpfs file by
+qemu-nbd (Unix socket) and an RBD image on a single-node Ceph cluster started for
+the run (tests/support/ceph_cluster.sh, in the work directory), each served by
+vscsid (``--lun nbd+unix://...``, ``--lun rbd:...``) and by qemu-storage-daemon's own
+``nbd`` and ``rbd`` block drivers on the same server; then the bench's own ceiling
+against its in-process loopback device.
 
 Usage::
 
     python benchmarks/run_matrix.py [--seconds 4] [--ramp 1] [--json-out results.json]
                                     [--only vscsid-null,qsd-io_uring] [--quick]
+
+The network rows are vscsid-nbd, qsd-nbd, vscsid-rbd and qsd-rbd (``--only`` selects
+them like the others; ``--no-network`` skips them). They need qemu-nbd, the Ceph
+packages and qemu-block-extra (qemu-storage-daemon's rbd driver); a missing one is
+reported and its rows skipped.
 
 The daemons are started and stopped by the script (temporary directory under
 /dev/shm for sockets and images). See benchmarks/README.md.
@@ -36,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 IMAGE_SIZE = 256 << 20
+REPO = Path(__file__).resolve().parent.parent
+NETWORK_ROWS = ("vscsid-nbd", "qsd-nbd", "vscsid-rbd", "qsd-rbd")
 
 
 # ----------------------------------------------------------------------------- machine
@@ -301,6 +312,88 @@ def print_table(rows: list[dict], title: str) -> None:
     sys.stdout.flush()
 
 
+def run_backend(b: Backend, base: Path, workloads, args, out: dict, table: str) -> None:
+    """Start ``b``, run every workload on it into ``out[table]``, stop it."""
+    ok = start(b, base)
+    out["backends"][b.name] = {"cmd": b.args, "note": b.note, "status": b.status}
+    print(f"\n### {b.name}: {b.note}: {b.status}", flush=True)
+    if not ok:
+        return
+    try:
+        for rw, qd, nq in workloads:
+            res = bench(b, rw=rw, iodepth=qd, queues=nq, seconds=args.seconds, ramp=args.ramp)
+            r = row(b.name, res, rw=rw, qd=qd, queues=nq)
+            out[table].append(r)
+            if r["fatal"]:
+                print(f"  {rw} qd{qd} q{nq}: FAILED: {r['fatal']}", flush=True)
+            else:
+                print(f"  {rw:9s} qd{qd:<2d} q{nq}: {r['iops']:>10,.0f} IOPS  p50 {r['p50_us']:8.1f} us"
+                      f"  daemon {_f(r['daemon_us_per_io'], '6.2f')} us/io"
+                      f"  bench {_f(r['bench_us_per_io'], '5.2f')} us/io  errors {r['errors']}",
+                      flush=True)
+    finally:
+        stop(b)
+
+
+def run_network(base: Path, img: Path, workloads, args, out: dict, only) -> None:
+    """The NBD rows (qemu-nbd serving the tmpfs image on a Unix socket) and the RBD rows
+    (an image on a single-node Ceph cluster started in the work directory), each with
+    vscsid and qemu-storage-daemon's own driver on the same server. The server's own
+    CPU (qemu-nbd, the OSD) is not in the daemon columns."""
+    sys.path.insert(0, str(REPO))
+    from tests.support.servers import CephCluster, ceph_skip_reason, nbd_skip_reason, qemu_nbd
+
+    def wanted(name: str) -> bool:
+        return not only or name in only
+
+    qsd_ok = shutil.which("qemu-storage-daemon") is not None
+    if wanted("vscsid-nbd") or wanted("qsd-nbd"):
+        reason = nbd_skip_reason("qemu-nbd")
+        if reason:
+            print(f"\n### NBD rows skipped: {reason}", flush=True)
+        else:
+            sock = base / "nbd.sock"
+            srv = qemu_nbd(img, unix=sock, log_dir=base)
+            srv.start()
+            try:
+                rows = [vscsid_backend("vscsid-nbd", srv.uri, base,
+                                       note="NBD export of the tmpfs file by qemu-nbd (Unix socket)")]
+                if qsd_ok:
+                    rows.append(qsd_backend(
+                        "qsd-nbd", f"driver=nbd,node-name=disk,server.type=unix,server.path={sock},"
+                        "export=disk", base, note="qemu-storage-daemon's nbd driver, same export"))
+                for b in rows:
+                    if wanted(b.name):
+                        run_backend(b, base, workloads, args, out, "network")
+            finally:
+                srv.stop()
+    if wanted("vscsid-rbd") or wanted("qsd-rbd"):
+        reason = ceph_skip_reason()
+        if reason:
+            print(f"\n### RBD rows skipped: {reason}", flush=True)
+            return
+        cluster = CephCluster(base / "ceph")
+        print("\nstarting a single-node Ceph cluster ...", flush=True)
+        conf = cluster.start()
+        try:
+            # Filled with the same random data as the file (reads of never-written objects
+            # would not reach an OSD's disk); no exclusive-lock, so vscsid's workers (one
+            # librados client each) do not pass the lock back and forth on writes.
+            cluster.rbd("import", "--no-progress", "--image-feature", "layering", str(img),
+                        f"{cluster.pool}/bench")
+            rows = [vscsid_backend("vscsid-rbd", f"rbd:{cluster.pool}/bench,conf={conf},id=vscsid",
+                                   base, note="RBD image, single-node cluster (one OSD on tmpfs)")]
+            if qsd_ok:
+                rows.append(qsd_backend(
+                    "qsd-rbd", f"driver=rbd,node-name=disk,pool={cluster.pool},image=bench,"
+                    f"conf={conf},user=vscsid", base, note="qemu-storage-daemon's rbd driver, same image"))
+            for b in rows:
+                if wanted(b.name):
+                    run_backend(b, base, workloads, args, out, "network")
+        finally:
+            cluster.stop()
+
+
 def fill_image(path: Path, size: int) -> None:
     """A fully allocated image with non-zero data (reads must hit real tmpfs pages)."""
     chunk = os.urandom(1 << 20)
@@ -324,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-other", type=float, default=None, metavar="CPUS",
                     help="re-run (up to twice) a measurement during which other processes used more "
                          "than this many CPUs, keeping the quietest attempt (e.g. 0.1)")
+    ap.add_argument("--no-network", action="store_true",
+                    help="skip the NBD and RBD rows (no qemu-nbd, no Ceph cluster)")
     ap.add_argument("--placement", choices=("split", "none"), default="split",
                     help="split (default): bench on the first CPU, daemon on the others; "
                          "none: unpinned (QD1 results then depend on where the scheduler puts "
@@ -350,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"- {k}: {v}")
     out: dict = {"machine": info, "settings": {"seconds": args.seconds, "ramp": args.ramp, "bs": "4k",
                                                "image": str(img), "image_size": IMAGE_SIZE},
-                 "backends": {}, "matrix": [], "delay": [], "loopback": []}
+                 "backends": {}, "matrix": [], "delay": [], "network": [], "loopback": []}
 
     have_qsd = shutil.which("qemu-storage-daemon") is not None
     backends = [
@@ -382,27 +477,11 @@ def main(argv: list[str] | None = None) -> int:
         fill_image(img, IMAGE_SIZE)
         workloads = [(rw, qd, nq) for rw in ("randread", "randwrite") for qd in (1, 32) for nq in (1, 2)]
         for b in backends:
-            ok = start(b, base)
-            out["backends"][b.name] = {"cmd": b.args, "note": b.note, "status": b.status}
-            print(f"\n### {b.name}: {b.note}: {b.status}", flush=True)
-            if not ok:
-                continue
-            try:
-                rows = []
-                for rw, qd, nq in workloads:
-                    res = bench(b, rw=rw, iodepth=qd, queues=nq, seconds=args.seconds, ramp=args.ramp)
-                    r = row(b.name, res, rw=rw, qd=qd, queues=nq)
-                    rows.append(r)
-                    out["matrix"].append(r)
-                    if r["fatal"]:
-                        print(f"  {rw} qd{qd} q{nq}: FAILED: {r['fatal']}", flush=True)
-                    else:
-                        print(f"  {rw:9s} qd{qd:<2d} q{nq}: {r['iops']:>10,.0f} IOPS  p50 {r['p50_us']:8.1f} us"
-                              f"  daemon {_f(r['daemon_us_per_io'], '6.2f')} us/io"
-                              f"  bench {_f(r['bench_us_per_io'], '5.2f')} us/io  errors {r['errors']}",
-                              flush=True)
-            finally:
-                stop(b)
+            run_backend(b, base, workloads, args, out, "matrix")
+
+        # Network storage: vscsid and qemu-storage-daemon on the same NBD and RBD servers
+        if not args.no_network and (not only or only & set(NETWORK_ROWS)):
+            run_network(base, img, workloads, args, out, only)
 
         # QD1 vs QD32 with an injected 200 us per I/O
         if not only or "vscsid-delay" in only:
@@ -449,6 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     print_table(out["matrix"], "matrix")
     if out["delay"]:
         print_table(out["delay"], "vscsid null LUN with delay_us=200: QD1 vs QD32 (1 queue)")
+    if out["network"]:
+        print_table(out["network"], "network storage: NBD (qemu-nbd, tmpfs file, Unix socket) and "
+                    "RBD (single-node cluster), vscsid vs qemu-storage-daemon's drivers")
     if out["loopback"]:
         print_table(out["loopback"], "vscsid-bench ceiling (loopback device, no back end)")
     failed = {k: v["status"] for k, v in out["backends"].items() if not v["status"].startswith("running")}

@@ -536,3 +536,56 @@ def test_random_delay_range_and_heartbeats(daemon, guests):
         took.append(time.monotonic() - t0)
     assert min(took) >= 0.05 and max(took) < 0.6 and max(took) - min(took) > 0.005, took
     wait_for(lambda: not d.events("worker_hung"), 1)
+
+
+# ------------------------------------------------------------------ several queues, drains
+
+def test_nbd_lun_on_two_queues_one_connection_each(nbd_server, daemon, guests, tmp_path):
+    """Each worker has its own connection; without NBD multi-conn every write goes out FUA
+    (a flush on one connection says nothing of writes on another)."""
+    img = make_image(tmp_path / "d.img", 16 * MiB)
+    multi = nbd_server("nbdkit", "file", f"file={img}", unix=True)
+    ev = make_image(tmp_path / "ev.img", 16 * MiB)
+    single = nbd_server("nbdkit", "eval", "get_size=echo 16777216",
+                        f"pread=dd if={ev} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none",
+                        f"pwrite=dd of={ev} seek=$4 oflag=seek_bytes conv=notrunc status=none",
+                        "can_write=exit 0", "can_flush=exit 0", "can_fua=echo native",
+                        "flush=exit 0", "can_multi_conn=exit 3", unix=True)
+    d = daemon("--lun", multi.uri, "--lun", single.uri, "--num-queues", "2")
+    g = guests(d, queues=2)
+    for lun in (0, 1):
+        for qi in (2, 3):
+            data = os.urandom(4096)
+            lba = 8 * (qi + 4 * lun)
+            assert g.command(vs.write10(lba, 8), lun=lun, queue=qi, data_out=data).response.ok
+            other = 5 - qi
+            assert g.command(vs.read10(lba, 8), lun=lun, queue=other, data_in_len=4096).data_in == data
+    luns = [r for r in d.events("network_lun")]
+    assert len(luns) == 4 and {r["queue"] for r in luns} == {0, 1}
+    wt = {(r["queue"], r["lun"]): r["writethrough"] for r in luns}
+    assert wt == {(0, 0): False, (1, 0): False, (0, 1): True, (1, 1): True}, wt
+
+
+def test_ring_stop_while_the_server_is_down(nbd_server, daemon, guests, tmp_path):
+    """The front end goes away while requests are held for a dead server: the drain
+    fails them at once (02/04/01) instead of waiting out hold=, the daemon stays healthy
+    and serves the next front end once the server is back."""
+    img = make_image(tmp_path / "d.img", 16 * MiB, data=b"k" * 4096)
+    srv = nbd_server("qemu-nbd", img, unix=True)
+    d = daemon("--lun", f"{srv.uri},hold=60")
+    g = guests(d)
+    assert g.command(vs.read10(0, 8), data_in_len=4096).response.ok
+    srv.kill()
+    hs = [submit(g, vs.read10(0, 8), data_in_len=4096) for _ in range(4)]
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    assert g.fe.get_vring_base(2) == 5       # GET_VRING_BASE: the worker drains
+    assert time.monotonic() - t0 < 5
+    g.builders[2].reap()
+    assert all(h.done and sense(h) == (2, 0x04, 0x01) for h in hs)
+    assert d.wait_for_log("network_drained")
+    g.close()
+    d.wait_for_log("session_closed")
+    srv.start()
+    g2 = guests(d)
+    assert g2.command(vs.read10(0, 8), data_in_len=4096, timeout=15).data_in == b"k" * 4096

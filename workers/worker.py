@@ -848,6 +848,14 @@ class Worker:
                          if self.state_mm is not None else LunState(wce=not spec.writethrough))
                 luns[number] = Disk(info, backend, state=state, log=self.glog.bind(lun=number))
                 self.lun_specs[number] = spec
+        except OSError as exc:
+            # A server that cannot be reached, a library that is not installed: the
+            # supervisor reports it (no traceback: nothing here is a bug).
+            for b in net.values():
+                b.close()
+            self.log.error("lun_open_failed", lun=number, spec=spec.path, error=str(exc))
+            self._reply(msg, ok=False, error=f"LUN {number} ({spec.path}): {exc}")
+            return
         except BaseException:
             for b in net.values():
                 b.close()

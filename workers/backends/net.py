@@ -22,7 +22,7 @@ is there), trim / write zeroes (UNMAP, WRITE SAME, LBPRZ), block sizes.
 
 Outages (NBD): when the connection dies, every command still out and every new
 one is *held* while the backend reconnects in the background (retrying every
-0.05 s, backing off to 1 s). A request that is still not done ``hold`` seconds
+0.05 s, backing off to 0.5 s). A request that is still not done ``hold`` seconds
 after it arrived fails with ETIMEDOUT, which the SCSI target turns into NOT READY,
 LOGICAL UNIT IS IN PROCESS OF BECOMING READY (02/04/01): Linux retries that
 command (after 3 ms, again and again, for up to (retries + 1) × the command
@@ -49,7 +49,7 @@ from .rbd_ffi import RBD_FEATURE_EXCLUSIVE_LOCK, RbdImage
 TICK = 0.25
 #: Reconnect attempts: first at once, then backing off from RETRY_MIN to RETRY_MAX s.
 RETRY_MIN = 0.05
-RETRY_MAX = 1.0
+RETRY_MAX = 0.5
 #: An attempt whose handshake has not finished after this long is abandoned.
 CONNECT_TIMEOUT = 5.0
 _ZEROS = memoryview(bytes(1 << 20))
@@ -173,7 +173,7 @@ class NbdBackend(AsyncBackend):
             self.client.reconnect(connect_timeout)
         except OSError as exc:
             if not facts:
-                raise OSError(exc.errno, f"NBD server {uri}: {exc.strerror or exc}") from None
+                raise
             self._adopt(facts)
             self.fd_epoch += 1
             self._down(exc.errno or errno.ENOTCONN, "connect failed at start-up")

@@ -180,6 +180,12 @@ class Worker:
                 self._dispatch(self._deferred.popleft())
             if not self.running:
                 break
+            if self._net_dirty:
+                # Commands submitted since the last wait: their backend's fd must be
+                # watched for what the library now waits for (a long write may need
+                # EPOLLOUT) before the loop sleeps.
+                self._net_service()
+                self._flush()
             if self.ticker:
                 self.ticker.arm()
             if (self._can_process() and not self.timers and not self.resubmit

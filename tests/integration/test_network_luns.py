@@ -445,9 +445,11 @@ def test_injected_medium_and_hardware_errors(kind, tmp_path, nbd_server, request
         got = g.command(vs.read10(396, 8), data_in_len=8 * BS).data_in
         assert got == b"h" * 8 * BS
     assert d.events("fault_injected")
+    g.close()
+    assert d.stop() == 0        # before the fixtures remove the image or stop the server
 
 
-def test_injected_hang_is_aborted_by_the_control_queue(daemon, guests, tmp_path, nbd_server):
+def test_injected_hang_is_aborted_by_the_control_queue(nbd_server, daemon, guests, tmp_path):
     """A command that never completes is completed by ABORT TASK (VIRTIO_SCSI_S_ABORTED)
     and LOGICAL UNIT RESET (VIRTIO_SCSI_S_RESET); the TMF answers only after that; the
     LUN goes on working, and other commands were never held up."""
@@ -485,7 +487,7 @@ def test_injected_hang_is_aborted_by_the_control_queue(daemon, guests, tmp_path,
     assert g.command(vs.read10(8, 1), lun=1, data_in_len=BS).data_in == b"y" * BS
 
 
-def test_abort_of_a_request_out_on_the_server_waits_for_it(daemon, guests, nbd_server, tmp_path):
+def test_abort_of_a_request_out_on_the_server_waits_for_it(nbd_server, daemon, guests, tmp_path):
     """ABORT TASK for a command whose I/O is out on the NBD server (nbdkit's delay filter
     holds reads 1.5 s): the TMF is answered only once the server gave the buffers back,
     and the worker goes on serving other requests meanwhile."""

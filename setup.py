@@ -26,5 +26,5 @@ setup(
     packages=_packages("vscsid", "vscsid") + _packages("workers", "vscsid.workers"),
     cffi_modules=["vscsid/virtio/_build.py:ffibuilder",
                   "workers/_fast_build.py:ffibuilder",
-                  "vscsid/client/_bench_build.py:ffibuilder"],
+                  "vscsid/bench/_bench_build.py:ffibuilder"],
 )

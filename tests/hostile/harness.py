@@ -13,10 +13,10 @@ from pathlib import Path
 
 from tests.daemon import Daemon
 from tests.wait import WAIT, wait_for
-from vscsid.client import virtio_scsi as vs
-from vscsid.client.driverq import DriverQueue
-from vscsid.client.frontend import Nack, VhostUserFrontend
-from vscsid.client.guestmem import FrontendMemory
+from vscsid.bench import virtio_scsi as vs
+from vscsid.bench.driverq import DriverQueue
+from vscsid.bench.frontend import Nack, VhostUserFrontend
+from vscsid.bench.guestmem import FrontendMemory
 from vscsid.vhost.protocol import (
     MemoryRegion, MemoryTable, ProtocolFeature, Request, U64Payload, VringFile, VringState,
     encode_request, feature_mask,

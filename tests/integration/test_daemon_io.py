@@ -8,10 +8,10 @@ import struct
 import pytest
 
 from tests.wait import WAIT
-from vscsid.client import virtio_scsi as vs
-from vscsid.client.driverq import DriverQueue
-from vscsid.client.frontend import Nack, VhostUserFrontend
-from vscsid.client.guestmem import FrontendMemory
+from vscsid.bench import virtio_scsi as vs
+from vscsid.bench.driverq import DriverQueue
+from vscsid.bench.frontend import Nack, VhostUserFrontend
+from vscsid.bench.guestmem import FrontendMemory
 
 pytestmark = pytest.mark.timeout(120)
 

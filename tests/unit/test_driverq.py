@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from vscsid.client.driverq import (
+from vscsid.bench.driverq import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -27,7 +27,7 @@ from vscsid.client.driverq import (
     UnknownHead,
     vring_need_event,
 )
-from vscsid.client.guestmem import (
+from vscsid.bench.guestmem import (
     POISON,
     FrontendMemory,
     GuestMemoryError,

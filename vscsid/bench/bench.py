@@ -1,9 +1,9 @@
 """``vscsid-bench``: a vhost-user storage load generator that needs no VM.
 
 It plays QEMU and the guest driver at once: memfd guest memory, the vhost-user
-control path (:class:`~vscsid.client.frontend.VhostUserFrontend`) and, per
+control path (:class:`~vscsid.bench.frontend.VhostUserFrontend`) and, per
 request queue, a driver-side split ring driven by a hot loop in C
-(:mod:`vscsid.client._benchfast`, built from ``_bench_build.py``). It drives
+(:mod:`vscsid.bench._benchfast`, built from ``_bench_build.py``). It drives
 any vhost-user storage back end: vscsid (``--format scsi``, virtio-scsi) or
 e.g. ``qemu-storage-daemon --export type=vhost-user-blk`` (``--format blk``).
 
@@ -290,7 +290,7 @@ class BenchConfig:
         if self.loopback and self.verify:
             bad("--verify needs a real back end (the loopback device stores nothing)")
         if self.engine == "c" and _lib is None:
-            bad("the C engine is not built (pip install -e . builds vscsid.client._benchfast)")
+            bad("the C engine is not built (pip install -e . builds vscsid.bench._benchfast)")
 
 
 # ------------------------------------------------------------------------ CPU accounting

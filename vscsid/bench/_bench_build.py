@@ -1,10 +1,10 @@
-"""cffi build script for ``vscsid.client._benchfast`` (out-of-line API mode).
+"""cffi build script for ``vscsid.bench._benchfast`` (out-of-line API mode).
 
 The hot loop of ``vscsid-bench``: one call of :c:func:`bq_run` drives one
 virtqueue (submit, kick, wait, reap, check, time) until its measurement window
 closes and its in-flight requests are drained. It touches no Python object, so
 cffi releases the GIL for the whole call and one OS thread per queue runs truly
-in parallel. :mod:`vscsid.client.bench` keeps a pure-Python implementation of
+in parallel. :mod:`vscsid.bench.bench` keeps a pure-Python implementation of
 the same loop (``--engine python``) as the readable reference.
 
 Shared-memory ordering (virtio 1.x, 2.7.13 / Linux ``virtio_ring.c``) uses the
@@ -855,7 +855,7 @@ int bq_loopback(struct bq_dev *d)
 }
 """
 
-ffibuilder.set_source("vscsid.client._benchfast", SOURCE, extra_compile_args=["-O2"])
+ffibuilder.set_source("vscsid.bench._benchfast", SOURCE, extra_compile_args=["-O2"])
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 from tests.daemon import Daemon
+from tests.support.rawq import RawQueue
 from tests.wait import WAIT, wait_for
 from vscsid.bench import virtio_scsi as vs
-from vscsid.bench.driverq import DriverQueue
 from vscsid.bench.frontend import Nack, VhostUserFrontend
 from vscsid.bench.guestmem import FrontendMemory
 from vscsid.vhost.protocol import (
@@ -410,10 +410,10 @@ class Guest:
         self.fe.negotiate(features=feats, protocol=PROTOCOL)
         self.fe.set_mem_table(self.mem)
         nq = d.num_queues if queues is None else queues
-        self.queues: dict[int, DriverQueue] = {}
+        self.queues: dict[int, RawQueue] = {}
         self.err_fds: dict[int, int] = {}
         for index in [0, 1] + [2 + i for i in range(nq)]:
-            q = DriverQueue(self.mem, size, event_idx=self.fe.event_idx)
+            q = RawQueue(self.mem, size, event_idx=self.fe.event_idx)
             if err and err_before_kick:
                 self._set_err(index)
             self.fe.setup_queue(index, q)

@@ -23,10 +23,10 @@ import time
 import pytest
 
 from vscsid.bench import virtio_scsi as vs
-from vscsid.bench.driverq import VIRTQ_DESC_F_NEXT as N, VIRTQ_DESC_F_WRITE as W
 from vscsid.bench.frontend import VhostUserFrontend
 from vscsid.bench.guestmem import FrontendMemory
 from vscsid.vhost.protocol import MemoryRegion, MemRegionMsg, ProtocolFeature, Request, feature_mask
+from vscsid.virtio.defs import VIRTQ_DESC_F_NEXT as N, VIRTQ_DESC_F_WRITE as W
 
 from tests.wait import wait_for
 

@@ -15,11 +15,9 @@ import struct
 import pytest
 
 from vscsid.bench import virtio_scsi as vs
-from vscsid.bench.driverq import (
-    DESC_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
-)
 from vscsid.bench.guestmem import POISON, FrontendMemory
 from vscsid.vhost.protocol import Request
+from vscsid.virtio.defs import DESC_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 
 from .harness import Guest
 

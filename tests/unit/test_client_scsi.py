@@ -6,8 +6,8 @@ import struct
 
 import pytest
 
+from tests.support import virtio_scsi as vs
 from tests.unit.test_driverq import RefDevice
-from vscsid.bench import virtio_scsi as vs
 from vscsid.bench.driverq import DriverQueue
 from vscsid.bench.guestmem import FrontendMemory
 

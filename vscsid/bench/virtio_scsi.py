@@ -458,7 +458,7 @@ class ScsiRequestBuilder:
     * ``gap``: bytes of poison between consecutive buffers so no two
       descriptors are contiguous in guest memory;
     * ``data_out_sg`` / ``data_in_sg``: caller-owned ``(gpa, len)`` buffers used
-      as the data descriptors as is (no copy; the load generator's path).
+      as the data descriptors as is (no copy).
     """
 
     def __init__(self, q: DriverQueue, mem: FrontendMemory, *, cdb_size: int = VIRTIO_SCSI_CDB_DEFAULT_SIZE,

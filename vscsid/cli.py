@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         _signal.signal(sig, lambda signum, frame: early.append(signum))
 
     from . import log as vlog
-    from .osops import OsOps, SocketPathError
+    from .supervisor.osops import OsOps, SocketPathError
 
     vlog.setup(cfg.log_format, cfg.log_level, path=args.log_file, component="supervisor",
                pid=os.getpid())
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvloop
 
-    from .lifecycle import Policy
+    from .supervisor.lifecycle import Policy
 
     hb = args.heartbeat_timeout
     policy = Policy(heartbeat_timeout=hb, heartbeat_interval=min(2.0, hb / 4),

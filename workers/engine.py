@@ -1,25 +1,209 @@
-"""Python side of the C fast path (``_engine.c`` in ``vscsid.workers._fast``).
+"""The worker's engine: what takes requests off the ring and puts completions back.
 
-:class:`CQueue` owns one ``struct vsd_queue``: it points the C code at the ring
-areas, the guest memory regions, the LUN table and the inflight region, all of
-which are buffers this process already mapped. Requests the C code does not
-serve come back as head indices; the worker runs them through the Python
-reference path and completes them with :meth:`push`.
+One interface (after gunicorn's ``workers/base.py``), two implementations:
+
+* :class:`PyEngine`, the reference: the split ring in Python
+  (:class:`~vscsid.virtio.splitq.SplitQueue`); every request it pops is served by
+  the worker's reference path (virtio-scsi framing, the SCSI target, the backend);
+* :class:`CEngine`, the fast path (``_engine.c`` in ``vscsid.workers._fast``): it
+  pops, validates and serves the common READ/WRITE itself, straight between the
+  backing file and guest memory (synchronously or through io_uring), and hands
+  every other request to the same reference path.
+
+A pass (:meth:`Engine.run`) returns the heads the reference path must serve; the
+worker completes each with :meth:`Engine.push` and publishes with
+:meth:`Engine.flush`. Both engines hold the same rules: a head is served once
+(a head offered while held breaks the ring), completion bookkeeping never exceeds
+the queue size, every pass has a budget.
 
 Buffer lifetimes: ``ffi.from_buffer`` pins a buffer export on the mmap, so every
-pointer handed to C is released (:meth:`close`) before the memory table changes.
+pointer the C engine holds is released (:meth:`close`) before the memory table
+changes.
 """
 from __future__ import annotations
 
 import os
 
+from vscsid.config import LunSpec
+from vscsid.virtio.inflight import InflightQueue
+from vscsid.virtio.memory import GuestMemory
+from vscsid.virtio.splitq import RingError, SplitQueue
+
 from ._fast import ffi, lib
 
 
-class CQueue:
-    def __init__(self, *, queue, mem, luns: dict, lun_flags: dict, cdb_size: int,
-                 sense_size: int, inflight, call_fd: int, use_uring: bool, poll_us: int = 0):
+class Engine:
+    """The interface. ``broken``: why the ring is unusable as a whole (or None);
+    ``more``: the last pass stopped at its budget and should be repeated soon."""
+
+    broken: str | None = None
+    more: bool = False
+    #: an fd to wait on for asynchronous completions (-1: none)
+    completion_fd: int = -1
+
+    def run(self, budget: int) -> list[int]:
+        """One pass: pop up to ``budget`` requests; the heads the reference path serves."""
+        raise NotImplementedError
+
+    def serve(self, epfd: int, kick_fd: int, timeout_ms: int, budget: int) -> list[int] | None:
+        """Wait for and serve requests until the reference path is needed (the heads it
+        must serve), or return None when this engine has no loop of its own."""
+        return None
+
+    def claim(self, head: int) -> bool:
+        """Hold a head recovered from the inflight region (False: invalid or held)."""
+        raise NotImplementedError
+
+    def resubmit(self, heads: list[int]) -> list[int]:
+        """Serve recovered heads; those the reference path must serve."""
+        raise NotImplementedError
+
+    def push(self, head: int, written: int) -> bool:
+        """Complete a head the reference path served (False: it was not being served)."""
+        raise NotImplementedError
+
+    def flush(self) -> bool:
+        """Publish the completions; True if the driver was signalled."""
+        raise NotImplementedError
+
+    def drain(self) -> list[int]:
+        """Wait for the engine's own I/O in flight; heads the reference path must redo."""
+        return []
+
+    def ack_completion(self) -> None:
+        """The completion fd was readable."""
+
+    @property
+    def in_flight(self) -> int:
+        return 0
+
+    @property
+    def last_avail(self) -> int:
+        raise NotImplementedError
+
+    def set_call_fd(self, fd: int) -> None:
+        raise NotImplementedError
+
+    def set_params(self, cdb_size: int, sense_size: int) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class PyEngine(Engine):
+    """The reference: pops heads for the worker's reference path, publishes, signals."""
+
+    def __init__(self, queue: SplitQueue, inflight: InflightQueue | None, call_fd: int):
+        self.queue = queue
+        self.inflight = inflight
+        self.call_fd = call_fd
+        self.broken = None
+        self.more = False
+        self.st = {"requests": 0, "batches": 0}
+
+    def run(self, budget: int) -> list[int]:
+        q = self.queue
+        self.more = False
+        if self.broken:
+            return []
+        heads: list[int] = []
+        try:
+            while True:
+                q.disable_kicks()
+                room = budget - len(heads)
+                available = q.pending()
+                if available and not room:
+                    self.more = True
+                    break
+                new = q.pop_heads(room)
+                self._got(new)
+                heads += new
+                if available > room:
+                    self.more = True       # the budget is spent: the rest next pass
+                    break
+                if not q.enable_kicks():
+                    break
+        except RingError as exc:
+            self._got(exc.heads)
+            heads += exc.heads
+            self.broken = str(exc)
+        if heads:
+            self.st["requests"] += len(heads)
+            self.st["batches"] += 1
+        return heads
+
+    def _got(self, heads: list[int]) -> None:
+        inflight = self.inflight
+        if inflight is not None:
+            for head in heads:
+                inflight.get(head)
+
+    def claim(self, head: int) -> bool:
+        return self.queue.claim(head)
+
+    def resubmit(self, heads: list[int]) -> list[int]:
+        return [h for h in heads if self.queue.claim(h)]
+
+    def push(self, head: int, written: int) -> bool:
+        return self.queue.push(head, written)
+
+    def flush(self) -> bool:
+        q = self.queue
+        if not q.pushed:
+            return False
+        heads = q.publish()
+        if self.inflight is not None:
+            self.inflight.put(heads, q.used_idx)
+        if q.should_notify() and self.call_fd >= 0:
+            os.eventfd_write(self.call_fd, 1)
+            return True
+        return False
+
+    @property
+    def last_avail(self) -> int:
+        return self.queue.last_avail
+
+    def set_call_fd(self, fd: int) -> None:
+        self.call_fd = fd
+
+    def stats(self) -> dict:
+        return dict(self.st)
+
+
+def lun_flags(spec: LunSpec, uring: bool) -> int:
+    """The engine's view of a LUN (LUN_* of _engine.h)."""
+    f = lib.LUN_PRESENT | lib.LUN_FAST
+    if spec.readonly:
+        f |= lib.LUN_RO
+    if spec.is_null:
+        f |= lib.LUN_NULL
+    if uring and wants_uring(spec):
+        f |= lib.LUN_ASYNC
+    return f
+
+
+def wants_uring(spec: LunSpec) -> bool:
+    """io_uring for O_DIRECT and injected latency (aio=auto), or always (aio=uring)."""
+    if spec.aio == "uring":
+        return True
+    return spec.aio == "auto" and bool(spec.delay_us or spec.direct)
+
+
+class CEngine(Engine):
+    """One ``struct vsd_queue``: the C code is pointed at the ring areas, the guest
+    memory regions, the LUN table and the inflight region, all of them buffers this
+    process already mapped."""
+
+    def __init__(self, *, queue: SplitQueue, mem: GuestMemory, luns: dict, specs: dict,
+                 state_page, cdb_size: int, sense_size: int, inflight: InflightQueue | None,
+                 call_fd: int, poll_us: int = 0, log=None):
         self._pins = []
+        self.queue = queue
+        self.inflight = inflight
         self.q = q = ffi.new("struct vsd_queue *")
         size = queue.size
         q.desc = self._pin(queue.desc)
@@ -42,22 +226,6 @@ class CQueue:
             q.regions[i].host = self._pin(r.view)
         q.nregions = len(mem.regions)
         q.last_region = 0
-        q.nluns = 0
-        for number, disk in luns.items():
-            if number >= lib.VSD_MAX_LUNS:
-                continue
-            flags = lun_flags.get(number, 0)
-            entry = q.luns[number]
-            entry.fd = flags.get("fd", -1)
-            entry.flags = flags["flags"]
-            entry.block_size = disk.info.block_size
-            entry.block_shift = disk.info.block_size.bit_length() - 1
-            entry.num_blocks = disk.info.num_blocks
-            entry.max_transfer_bytes = disk.info.max_transfer_bytes
-            entry.delay_ns = flags.get("delay_ns", 0)
-            state = flags.get("state")
-            entry.state = self._pin(state) if state is not None else ffi.NULL
-            q.nluns = max(q.nluns, number + 1)
         q.cdb_size = cdb_size
         q.sense_size = sense_size
         if inflight is not None:
@@ -74,9 +242,30 @@ class CQueue:
         self._slow = ffi.new("uint16_t[]", size)
         self.max_slow = size
         self.uring = None
-        self.uring_fd = -1
+        self.completion_fd = -1
+        self.uring_error = None
+        use_uring = any(wants_uring(s) for s in specs.values())
         if use_uring:
             self._setup_uring(size)
+            if self.uring is None and log is not None:
+                log.warning("io_uring_unavailable", error=self.uring_error,
+                            fallback="synchronous I/O; injected latency served by timers")
+        q.nluns = 0
+        for number, disk in luns.items():
+            if number >= lib.VSD_MAX_LUNS:
+                continue
+            spec = specs[number]
+            entry = q.luns[number]
+            entry.fd = -1 if spec.is_null else getattr(disk.backend, "fd", -1)
+            entry.flags = lun_flags(spec, self.uring is not None)
+            entry.block_size = disk.info.block_size
+            entry.block_shift = disk.info.block_size.bit_length() - 1
+            entry.num_blocks = disk.info.num_blocks
+            entry.max_transfer_bytes = disk.info.max_transfer_bytes
+            entry.delay_ns = spec.delay_us * 1000
+            entry.state = (self._pin(memoryview(state_page)[number:number + 1])
+                           if state_page is not None else ffi.NULL)
+            q.nluns = max(q.nluns, number + 1)
 
     def _pin(self, buf):
         p = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
@@ -92,26 +281,23 @@ class CQueue:
             self.uring_error = os.strerror(-err[0])
             return
         self.uring = u
-        self.uring_fd = efd
+        self.completion_fd = efd
         self.q.uring = u
 
     # ------------------------------------------------------------------ data path
-    def run(self, budget: int) -> list[int]:
-        n = lib.vsd_run(self.q, self._slow, self.max_slow, budget)
-        if n < 0:
-            return None   # broken ring: see broken_reason
-        return list(self._slow[0:n]) if n else []
+    def _slow_heads(self, n: int) -> list[int]:
+        return list(self._slow[0:n]) if n > 0 else []
 
-    def serve(self, epfd: int, kick_fd: int, timeout_ms: int, budget: int) -> list[int] | None:
+    def run(self, budget: int) -> list[int]:
+        return self._slow_heads(lib.vsd_run(self.q, self._slow, self.max_slow, budget))
+
+    def serve(self, epfd: int, kick_fd: int, timeout_ms: int, budget: int) -> list[int]:
         """Serve the ring in C until Python is needed (see vsd_serve)."""
-        n = lib.vsd_serve(self.q, epfd, kick_fd, self.uring_fd, timeout_ms, self._slow,
-                          self.max_slow, budget)
-        if n < 0:
-            return None
-        return list(self._slow[0:n]) if n else []
+        return self._slow_heads(lib.vsd_serve(self.q, epfd, kick_fd, self.completion_fd,
+                                              timeout_ms, self._slow, self.max_slow, budget))
 
     @property
-    def broken_reason(self) -> str | None:
+    def broken(self) -> str | None:
         q = self.q
         b = q.broken
         if b == lib.VSD_BROKEN_AVAIL_JUMP:
@@ -128,17 +314,14 @@ class CQueue:
     def more(self) -> bool:
         return bool(self.q.more)
 
-    def resubmit(self, heads: list[int]) -> list[int]:
-        arr = ffi.new("uint16_t[]", heads)
-        n = lib.vsd_resubmit(self.q, arr, len(heads), self._slow)
-        return list(self._slow[0:n])
-
     def claim(self, head: int) -> bool:
-        """Hold a head recovered from the inflight region (False: invalid or held)."""
         return lib.vsd_claim(self.q, head) == 0
 
+    def resubmit(self, heads: list[int]) -> list[int]:
+        arr = ffi.new("uint16_t[]", heads)
+        return self._slow_heads(lib.vsd_resubmit(self.q, arr, len(heads), self._slow))
+
     def push(self, head: int, written: int) -> bool:
-        """Complete a head the reference path served (False: it was not being served)."""
         return lib.vsd_push(self.q, head, written) == 0
 
     def flush(self) -> bool:
@@ -148,11 +331,11 @@ class CQueue:
         n = lib.vsd_drain(self.q, self._slow, self.max_slow)
         if n < 0:
             raise OSError(-n, f"io_uring failed while draining: {os.strerror(-n)}")
-        return list(self._slow[0:n])
+        return self._slow_heads(n)
 
-    def ack_uring_event(self) -> None:
+    def ack_completion(self) -> None:
         try:
-            os.eventfd_read(self.uring_fd)
+            os.eventfd_read(self.completion_fd)
         except BlockingIOError:
             pass
 
@@ -161,15 +344,15 @@ class CQueue:
         return self.q.last_avail
 
     @property
-    def used_idx(self) -> int:
-        return self.q.used_idx
-
-    @property
     def in_flight(self) -> int:
         return self.q.in_flight
 
     def set_call_fd(self, fd: int) -> None:
         self.q.call_fd = fd
+
+    def set_params(self, cdb_size: int, sense_size: int) -> None:
+        self.q.cdb_size = cdb_size
+        self.q.sense_size = sense_size
 
     def stats(self) -> dict:
         q = self.q
@@ -177,16 +360,22 @@ class CQueue:
                 "c_bytes_in": q.st_bytes_in, "c_bytes_out": q.st_bytes_out,
                 "c_calls": q.st_calls, "c_batches": q.st_batches,
                 "c_max_in_flight": q.st_max_in_flight, "poll_hits": q.st_poll_hits,
-                "c_kicks": q.st_kicks}
+                "c_kicks": q.st_kicks, "requests": q.st_fast + q.st_slow}
 
     def close(self) -> None:
+        """Hand the ring's state back to the SplitQueue and inflight region, release
+        every pointer into guest memory."""
+        if self.inflight is not None:
+            self.inflight.counter = self.q.counter
+        self.queue.last_avail = self.q.last_avail
+        self.queue.used_idx = self.q.used_idx
         if self.uring is not None:
             lib.vsd_uring_free(self.uring)
             self.uring = None
             self.q.uring = ffi.NULL
-        if self.uring_fd >= 0:
-            os.close(self.uring_fd)
-            self.uring_fd = -1
+        if self.completion_fd >= 0:
+            os.close(self.completion_fd)
+            self.completion_fd = -1
         for p in self._pins:
             ffi.release(p)
         self._pins = []

@@ -1,20 +1,24 @@
 """A data-plane worker: serves one request virtqueue.
 
 The worker is a plain process with an epoll loop (no asyncio): it waits on its
-control channel, on the ring's kick eventfd and on completion sources. On a kick
-it drains every available request, runs each against the SCSI target, pushes the
-used entries and signals the call eventfd once per batch (subject to EVENT_IDX /
-NO_INTERRUPT suppression).
+control channel, on the ring's kick eventfd and on completion sources. An
+:class:`~vscsid.workers.engine.Engine` takes requests off the ring — the C fast
+path serves the common READ/WRITE itself, in its own loop that polls and sleeps
+until Python is needed — and every other request runs through the reference
+path here: virtio-scsi framing, the SCSI target, the backend. Completions are
+published and signalled once per pass (subject to EVENT_IDX / NO_INTERRUPT).
 
 Requests may complete out of order (the virtio spec allows it): a LUN with
-injected latency (``delay_us``) completes its I/O from a timer, so one queue keeps
-many requests in flight. Every popped head is recorded in the queue's inflight
-region (shared memory that outlives this process, see :mod:`.inflight`) until
-the used index covering it is published, so a replacement worker — or a
-restarted daemon, with QEMU's help — resubmits exactly the requests that were
-lost.
+injected latency (``delay_us``) completes its I/O from a timer, and a command
+that loops over the medium (VERIFY, WRITE SAME, UNMAP) runs a slice per loop
+iteration, so one queue keeps many requests in flight. Every popped head is
+recorded in the queue's inflight region (shared memory that outlives this
+process, see :mod:`vscsid.virtio.inflight`) until the used index covering it is
+published, so a replacement worker — or a restarted daemon, with QEMU's help —
+resubmits exactly the requests that were lost; one that was lost twice is failed
+instead (the poison-request quarantine).
 
-Control messages (see :mod:`vscsid.ipc`) configure the LUNs, map guest memory,
+Control messages (:mod:`vscsid.messages`) configure the LUNs, map guest memory,
 start/stop/enable the ring and swap its fds. A ring is processed only while it
 is *started* and *enabled*; kicks that arrive while it is disabled are not lost.
 Before the ring stops or the memory table changes, the worker drains: it waits
@@ -24,7 +28,6 @@ and GET_VRING_BASE reports an index with nothing outstanding.
 from __future__ import annotations
 
 import collections
-import heapq
 import itertools
 import mmap
 import os
@@ -33,14 +36,13 @@ import socket
 import time
 from typing import Any
 
-from vscsid import ipc
 from vscsid import log as vlog
+from vscsid import messages as M
 from vscsid.config import LunSpec
+from vscsid.virtio.inflight import InflightQueue
 from vscsid.virtio.memory import (
     GuestMemory, GuestMemoryError, RegionSpec, fault_count, guard_mapping, unguard_mapping,
 )
-
-from vscsid.virtio.inflight import InflightQueue
 from vscsid.virtio.scsi_wire import (
     LUN_BAD_TARGET, REQ_HDR, REQ_HDR_SIZE, RESP_HDR, RESP_HDR_SIZE, VIRTIO_SCSI_CDB_DEFAULT_SIZE,
     VIRTIO_SCSI_S_BAD_TARGET, VIRTIO_SCSI_S_FAILURE, VIRTIO_SCSI_S_OK, VIRTIO_SCSI_S_OVERRUN,
@@ -48,8 +50,9 @@ from vscsid.virtio.scsi_wire import (
 )
 from vscsid.virtio.splitq import ChainError, RingError, SplitQueue
 
-from ._fast import lib as _lib
+from .engine import CEngine, Engine, PyEngine
 from .scsi import ScsiResult, SGList
+from .timers import Timers
 
 BATCH_LIMIT = 1024   # requests per pass before the control channel gets a look
 
@@ -92,9 +95,11 @@ class Worker:
     def __init__(self, chan: socket.socket, log=None):
         self.chan = chan
         self.log = log or vlog.get()
+        self.glog = vlog.GuestLog(self.log)     # what a guest can make us log, rate limited
         self.epoll = select.epoll()
         self.mem: GuestMemory | None = None
         self.queue: SplitQueue | None = None
+        self.eng: Engine | None = None
         self.inflight: InflightQueue | None = None
         self._inflight_mm: mmap.mmap | None = None
         self._inflight_guard = None
@@ -105,49 +110,50 @@ class Worker:
         self.enabled = False
         self.broken = False
         self.more = False
+        self.running = True
         self.target = None
         self.luns: dict[int, Any] = {}
+        self.lun_specs: dict[int, LunSpec] = {}
         self.delays: dict[int, float] = {}     # lun -> injected latency (seconds)
         self.state_mm: mmap.mmap | None = None
+        self.engine_kind = "python"
+        self.poll_us = 0
         self.cdb_size = VIRTIO_SCSI_CDB_DEFAULT_SIZE
         self.sense_size = VIRTIO_SCSI_SENSE_DEFAULT_SIZE
-        self.running = True
-        self.timers: list = []                 # heap of (deadline, seq, Pending)
+        self.timers = Timers()                 # delayed requests (Pending)
         self.long_ops: collections.deque = collections.deque()   # sliced commands (Pending)
-        self.poisoned: list[int] = []          # heads to fail instead of resubmitting
-        self._seq = itertools.count()
         self.resubmit: list[int] = []          # heads recovered from the inflight region
+        self.poisoned: list[int] = []          # heads to fail instead of resubmitting
         self.stats = {"requests": 0, "batches": 0, "calls": 0, "kicks": 0, "bad_chains": 0,
                       "bad_target": 0, "failed": 0, "check_condition": 0,
                       "bytes_in": 0, "bytes_out": 0, "resubmitted": 0, "quarantined": 0,
                       "max_inflight": 0}
-        self._ring_params: dict | None = None
+        self._ring: M.StartRing | None = None   # the ring's settings while started
         self._faults = fault_count()
-        self.glog = vlog.GuestLog(self.log)     # what a guest can make us log, rate limited
-        self.timer_fd = _lib.vsd_timerfd_create()   # deadlines of delayed requests (ns)
-        self._armed = 0.0
-        self.epoll.register(self.timer_fd, select.EPOLLIN)
-        self.engine = "python"
-        self.poll_us = 0
-        self.cq = None                          # CQueue when the C fast path is on
-        self.lun_specs: dict[int, LunSpec] = {}
+        self.epoll.register(self.timers.fd, select.EPOLLIN)
 
     # ------------------------------------------------------------------ loop
     def run(self) -> int:
         self.epoll.register(self.chan.fileno(), select.EPOLLIN)
         while self.running:
-            if (self.cq is not None and self._can_process() and not self.timers
-                    and not self.resubmit and not self.poisoned and not self.long_ops):
-                # The C loop waits, polls and serves until Python is needed.
-                self._serve_c()
-                if not self.running:
-                    break
-                timeout = 0          # now look at the control channel (or timers)
+            if (self._can_process() and not self.timers and not self.resubmit
+                    and not self.poisoned and not self.long_ops):
+                slow = self.eng.serve(self.epoll.fileno(), self.kick_fd,
+                                      0 if self.more else 1000, BATCH_LIMIT)
+                if slow is not None:
+                    # The engine's loop waited, polled and served until Python was needed.
+                    self.more = False
+                    self._finish_pass(slow)
+                    if not self.running:
+                        break
+                    timeout = 0          # now look at the control channel (or timers)
+                else:
+                    timeout = 0 if self.more else 1.0
             elif self.more or self.long_ops:
                 timeout = 0
             elif self.timers:
                 # The timerfd (ns resolution) wakes us; epoll's own timeout is in ms.
-                self._arm_timer()
+                self.timers.arm()
                 timeout = 1.0
             else:
                 timeout = 1.0
@@ -168,14 +174,11 @@ class Worker:
                         pass
                     self.stats["kicks"] += 1
                     kicked = True
-                elif self.cq is not None and fd == self.cq.uring_fd:
-                    self.cq.ack_uring_event()
+                elif self.eng is not None and fd == self.eng.completion_fd:
+                    self.eng.ack_completion()
                     kicked = True
-                elif fd == self.timer_fd:
-                    try:
-                        os.read(fd, 8)
-                    except BlockingIOError:
-                        pass
+                elif fd == self.timers.fd:
+                    self.timers.ack()
             if self.timers:
                 self._expire_timers()
             if self.long_ops:
@@ -183,62 +186,48 @@ class Worker:
             if kicked and self._can_process():
                 self.process()
             elif kicked and self._finishing():
-                self._finish_c_pass(self.cq.run(0))
+                self._finish_pass(self.eng.run(0))
             self._flush()
             if fault_count() != self._faults:
                 self._memory_fault()
         return 0
 
     def _can_process(self) -> bool:
-        return self.started and self.enabled and not self.broken and self.queue is not None
+        return self.started and self.enabled and not self.broken and self.eng is not None
 
     def _finishing(self) -> bool:
         """A broken ring pops nothing more, but its I/O in flight still completes."""
-        return (self.broken and self.started and self.cq is not None
-                and self.cq.in_flight > 0)
+        return self.broken and self.started and self.eng is not None and self.eng.in_flight > 0
 
     @property
     def in_flight(self) -> int:
         return (len(self.timers) + len(self.long_ops)
-                + (self.cq.in_flight if self.cq is not None else 0))
+                + (self.eng.in_flight if self.eng is not None else 0))
 
     # ------------------------------------------------------------------ data path
     def process(self) -> None:
-        if self.cq is not None:
-            self._process_c()
-            return
-        q = self.queue
-        done = 0
+        """One pass: quarantined and recovered heads first, then the ring."""
+        eng = self.eng
         self._quarantine(self._take_poisoned())
-        for head in self._take_resubmit():
-            if q.claim(head):
+        heads = self._take_resubmit()
+        if heads:
+            for head in eng.resubmit(heads):
                 self._start(head)
-        while True:
-            q.disable_kicks()
-            broken = None
-            try:
-                heads = q.pop_heads(BATCH_LIMIT)
-            except RingError as exc:
-                heads, broken = exc.heads, exc
-            inflight = self.inflight
-            for head in heads:
-                if inflight is not None:
-                    inflight.get(head)
-                self._start(head)
-            if heads:
-                done += len(heads)
-                self.stats["requests"] += len(heads)
-                self.stats["batches"] += 1
-            # Published once per pass (as the C engine does): a head pushed in this
-            # pass is not the driver's yet, so offering it again breaks the ring.
-            if broken is not None:
-                self._ring_broken(str(broken))
-                return
-            if done >= BATCH_LIMIT:
-                self.more = True     # let the control channel in, then come back
-                return
-            if not q.enable_kicks():
-                return
+        self._finish_pass(eng.run(BATCH_LIMIT))
+
+    def _finish_pass(self, slow: list[int]) -> None:
+        """After the engine ran: serve what it handed over, publish, check health.
+        Completions are published once per pass: a head pushed in this pass is not
+        the driver's yet, so offering it again breaks the ring."""
+        for head in slow:
+            self._start(head)
+        self._flush()
+        if self.eng.more or slow:
+            self.more = True
+        if self.eng.broken:
+            self._ring_broken(self.eng.broken)
+        if fault_count() != self._faults:
+            self._memory_fault()
 
     def _take_resubmit(self) -> list[int]:
         """Heads recovered from the inflight region, to run again (once)."""
@@ -257,9 +246,8 @@ class Worker:
         resubmission would most likely kill this worker too. Each is completed
         with CHECK CONDITION, HARDWARE ERROR (INTERNAL TARGET FAILURE) — or a
         virtio-scsi FAILURE when its header cannot be read — and named in the log."""
-        claim = self.cq.claim if self.cq is not None else self.queue.claim
         for head in heads:
-            if not claim(head):
+            if not self.eng.claim(head):
                 continue
             self.stats["quarantined"] += 1
             try:
@@ -276,8 +264,7 @@ class Worker:
                 hdr = gather(chain.out, hdr_len)
                 lun_bytes, tag, _attr, _prio, _crn = REQ_HDR.unpack_from(hdr, 0)
                 lun = decode_lun(lun_bytes)
-                cdb = hdr[REQ_HDR_SIZE:]
-                info = {"lun": lun, "tag": tag, "cdb": cdb.hex()}
+                info = {"lun": lun, "tag": tag, "cdb": hdr[REQ_HDR_SIZE:].hex()}
                 res = self.target.internal_failure(lun)
                 written = self._result(res, chain.in_, chain.in_len - resp_len,
                                        chain.out_len - hdr_len, resp_len)
@@ -285,47 +272,14 @@ class Worker:
                 self._respond(chain.in_, 0, 0, 0, VIRTIO_SCSI_S_FAILURE, b"")
                 written = RESP_HDR_SIZE
             self.glog.error("request_quarantined", head=head,
-                           reason="in flight when the worker died twice: failed instead of "
-                                  "resubmitted again", **info)
+                            reason="in flight when the worker died twice: failed instead of "
+                                   "resubmitted again", **info)
             self._complete(head, written)
-
-    def _serve_c(self) -> None:
-        timeout_ms = 0 if self.more else 1000
-        self.more = False
-        self._finish_c_pass(self.cq.serve(self.epoll.fileno(), self.kick_fd, timeout_ms,
-                                          BATCH_LIMIT))
-
-    def _process_c(self) -> None:
-        cq = self.cq
-        self._quarantine(self._take_poisoned())
-        heads = self._take_resubmit()
-        if heads:
-            for head in cq.resubmit(heads):
-                self._start(head)
-        self._finish_c_pass(cq.run(BATCH_LIMIT))
-
-    def _finish_c_pass(self, slow: list[int] | None) -> None:
-        """After the C code ran: serve what it handed back, publish, check health."""
-        cq = self.cq
-        if slow is None:
-            self._flush()
-            self._ring_broken(cq.broken_reason or "ring broken")
-            return
-        for head in slow:
-            self._start(head)
-        self._flush()
-        if cq.more or slow:
-            self.more = True
-        if cq.q.broken:
-            self._ring_broken(cq.broken_reason)
-        if fault_count() != self._faults:
-            self._memory_fault()
 
     def _start(self, head: int) -> None:
         """Begin one request: complete it now, or leave its I/O in flight."""
-        q = self.queue
         try:
-            chain = q.walk(head)
+            chain = self.queue.walk(head)
         except ChainError as exc:
             self.stats["bad_chains"] += 1
             self._guest_warning("bad_descriptor_chain", head=head, reason=exc.reason)
@@ -336,26 +290,14 @@ class Worker:
             self._complete(head, written)
 
     def _complete(self, head: int, written: int) -> None:
-        q = self.cq if self.cq is not None else self.queue
-        if not q.push(head, written):
+        if not self.eng.push(head, written):
             # Nothing completes twice or without being served (cannot happen).
             self.glog.error("completion_refused", head=head,
-                           reason="head is not being served by this queue")
+                            reason="head is not being served by this queue")
 
     def _flush(self) -> None:
-        """Publish the used entries pushed so far; one call signal per batch."""
-        if self.cq is not None:
-            if self.cq.flush():
-                self.stats["calls"] += 1
-            return
-        q = self.queue
-        if q is None or not q.pushed:
-            return
-        heads = q.publish()
-        if self.inflight is not None:
-            self.inflight.put(heads, q.used_idx)
-        if q.should_notify() and self.call_fd >= 0:
-            os.eventfd_write(self.call_fd, 1)
+        """Publish the used entries pushed so far; one call signal per pass."""
+        if self.eng is not None and self.eng.flush():
             self.stats["calls"] += 1
 
     def _execute(self, chain) -> int | None:
@@ -399,7 +341,7 @@ class Worker:
             if delay or plan.sliced:
                 p = Pending(chain.head, plan, in_, in_data_len, out_data_len, resp_len, lun, tag)
                 if delay:
-                    heapq.heappush(self.timers, (time.monotonic() + delay, next(self._seq), p))
+                    self.timers.add(delay, p)
                 else:
                     self._start_long(p)
                 if self.in_flight > self.stats["max_inflight"]:
@@ -439,12 +381,6 @@ class Worker:
             while True:
                 time.sleep(3600)
 
-    def _arm_timer(self) -> None:
-        deadline = self.timers[0][0]
-        if deadline != self._armed:
-            _lib.vsd_timerfd_arm(self.timer_fd, max(1, int(deadline * 1e9)))
-            self._armed = deadline
-
     def _start_long(self, p: Pending) -> None:
         """A command that loops over the medium: run it a slice at a time between
         the loop's other work (see IoPlan.steps)."""
@@ -463,15 +399,15 @@ class Worker:
         else:
             self.long_ops.append(p)
             return
+        self._finish(p, result)
+
+    def _finish(self, p: Pending, result) -> None:
         res = p.plan.finish(result)
         self._complete(p.head, self._result(res, p.in_, p.in_data_len, p.out_data_len,
                                             p.resp_len))
 
     def _expire_timers(self, everything: bool = False) -> None:
-        now = time.monotonic()
-        timers = self.timers
-        while timers and (everything or timers[0][0] <= now):
-            _, _, p = heapq.heappop(timers)
+        for p in self.timers.due(everything):
             if p.plan.sliced:
                 self._start_long(p)
                 continue
@@ -479,14 +415,12 @@ class Worker:
                 n = p.plan.run()
             except Exception as exc:
                 n = exc
-            res = p.plan.finish(n)
-            self._complete(p.head, self._result(res, p.in_, p.in_data_len, p.out_data_len,
-                                                p.resp_len))
+            self._finish(p, n)
 
     def drain(self) -> None:
         """Complete everything in flight (before a stop or a memory change)."""
-        if self.cq is not None:
-            for head in self.cq.drain():
+        if self.eng is not None:
+            for head in self.eng.drain():
                 self._start(head)      # failed asynchronous I/O: the reference path answers
         if self.timers:
             self._expire_timers(everything=True)
@@ -516,7 +450,7 @@ class Worker:
                        reason="SIGBUS on guest memory: the front end shrank its memory file")
         self._faults = n
         self.broken = True
-        self._send({"op": "event", "event": "memory_fault"})
+        self._send(M.Event(event="memory_fault"))
 
     def _ring_broken(self, reason: str) -> None:
         if self.broken:
@@ -528,73 +462,71 @@ class Worker:
                 os.eventfd_write(self.err_fd, 1)
             except OSError:
                 pass
-        self._send({"op": "event", "event": "ring_broken", "reason": reason})
+        self._send(M.Event(event="ring_broken", reason=reason))
 
     # ------------------------------------------------------------------ control
-    def _send(self, msg: dict, fds=()) -> None:
+    def _send(self, msg: M.Message) -> None:
         try:
-            ipc.send(self.chan, msg, fds)
+            M.send(self.chan, msg)
         except OSError as exc:
             self.log.error("control_send_failed", error=str(exc))
             self.running = False
 
-    def _reply(self, req: dict, ok: bool = True, **fields) -> None:
-        if "seq" in req:
-            self._send({"op": "reply", "seq": req["seq"], "ok": ok, **fields})
+    def _reply(self, req: M.Request, ok: bool = True, error: str | None = None,
+               result=None) -> None:
+        body = vars(result) if result is not None else {}
+        self._send(M.Reply(seq=req.seq, ok=ok, error=error, body=body))
 
     def _control(self) -> bool:
         try:
-            msg, fds = ipc.recv(self.chan)
-        except ipc.ChannelClosed:
+            msg = M.recv(self.chan)
+        except M.ChannelClosed:
             self.log.info("supervisor_gone")
             return False
         except BlockingIOError:
             return True
-        except (ipc.ChannelError, OSError) as exc:
+        except (M.ChannelError, OSError) as exc:
             self.log.error("control_channel_error", error=str(exc))
             return False
-        op = msg.get("op")
-        handler = getattr(self, f"_op_{op}", None)
+        handler = getattr(self, f"on_{msg.op}", None) if isinstance(msg, M.Request) else None
         if handler is None:
-            for fd in fds:
+            for fd in msg.fds():
                 os.close(fd)
-            self.log.error("unknown_control_op", op=op)
-            self._reply(msg, ok=False, error=f"unknown op {op!r}")
+            self.log.error("unknown_control_op", op=msg.op)
+            if isinstance(msg, M.Request):
+                self._reply(msg, ok=False, error=f"unknown op {msg.op!r}")
             return True
         try:
-            handler(msg, fds)
+            handler(msg)
         except Exception as exc:  # a failed op must not kill the worker silently
-            self.log.exception("control_op_failed", op=op)
+            self.log.exception("control_op_failed", op=msg.op)
             self._reply(msg, ok=False, error=f"{type(exc).__name__}: {exc}")
         return self.running
 
-    def _op_configure(self, msg: dict, fds: list[int]) -> None:
+    def on_configure(self, msg: M.Configure) -> None:
         from .scsi import Disk, DiskInfo, LunState, ScsiTarget
 
-        self.engine = msg.get("engine", "python")
-        self.poll_us = int(msg.get("poll_us", 0))
-        self.cdb_size = int(msg.get("cdb_size", VIRTIO_SCSI_CDB_DEFAULT_SIZE))
-        self.sense_size = int(msg.get("sense_size", VIRTIO_SCSI_SENSE_DEFAULT_SIZE))
-        lun_entries = msg["luns"]
-        state_fd = fds[-1] if msg.get("state_page") else -1
-        file_fds = fds[:-1] if msg.get("state_page") else fds
-        if state_fd >= 0:
-            self.state_mm = mmap.mmap(state_fd, mmap.PAGESIZE, mmap.MAP_SHARED,
-                                      mmap.PROT_READ | mmap.PROT_WRITE)
-            os.close(state_fd)
-        fd_iter = iter(file_fds)
+        self.engine_kind = msg.engine
+        self.poll_us = msg.poll_us
+        self.cdb_size = msg.cdb_size
+        self.sense_size = msg.sense_size
+        if msg.state_page is not None:
+            try:
+                self.state_mm = mmap.mmap(msg.state_page, mmap.PAGESIZE, mmap.MAP_SHARED,
+                                          mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(msg.state_page)
         luns = {}
         delays = {}
-        for entry in lun_entries:
-            spec = LunSpec.from_dict(entry["spec"])
-            number = int(entry["lun"])
-            fd = -1 if spec.is_null else next(fd_iter)
+        for entry, fd in zip(msg.lun_entries(), msg.lun_fds):
+            spec = LunSpec.from_dict(entry.spec)
+            number = int(entry.lun)
             # Injected latency is served by the worker's timers (the I/O stays in
             # flight), not by sleeping in the backend.
-            backend = _make_backend(spec, fd)
+            backend = _make_backend(spec, -1 if fd is None else fd)
             if spec.delay_us:
                 delays[number] = spec.delay_us / 1e6
-            info = DiskInfo(**entry["info"])
+            info = DiskInfo(**entry.info)
             state = (LunState.from_buffer(memoryview(self.state_mm)[number:number + 1])
                      if self.state_mm is not None else LunState(wce=not spec.writethrough))
             luns[number] = Disk(info, backend, state=state, log=self.glog.bind(lun=number))
@@ -602,14 +534,15 @@ class Worker:
         self.luns = luns
         self.delays = delays
         self.target = ScsiTarget(luns, log=self.glog)
-        self.log.info("worker_configured", luns=sorted(luns), engine=self.engine)
+        self.log.info("worker_configured", luns=sorted(luns), engine=self.engine_kind)
         self._reply(msg)
 
-    def _op_mem(self, msg: dict, fds: list[int]) -> None:
-        specs = [RegionSpec.from_dict(r) for r in msg["regions"]]
+    def on_mem(self, msg: M.MapMemory) -> None:
+        specs = [RegionSpec.from_dict(r) for r in msg.regions]
+        fds = [fd for fd in msg.region_fds if fd is not None]
         try:
-            new = GuestMemory.map(specs, fds, max_regions=int(msg.get("max_regions", 8)),
-                                  generation=int(msg.get("generation", 0)))
+            new = GuestMemory.map(specs, fds, max_regions=msg.max_regions,
+                                  generation=msg.generation)
         except GuestMemoryError as exc:
             for fd in fds:
                 os.close(fd)
@@ -619,90 +552,52 @@ class Worker:
             os.close(fd)      # the mappings keep the memory alive
         # Quiesce: nothing in flight may keep a view of the old mapping.
         self.drain()
-        last_avail = self._last_avail()
-        self._close_cq()
+        self._close_engine()
+        last_avail = self.queue.last_avail if self.queue is not None else None
         self._drop_queue_views()
         self._close_memory()
         self.mem = new
-        if self._ring_params is not None and self.started:
+        if self._ring is not None and self.started:
             try:
-                self._build_queue(self._ring_params, last_avail)
-            except RingError as exc:
+                self._build_queue(self._ring, last_avail)
+                self._open_engine()
+            except (RingError, ValueError) as exc:
                 self._ring_broken(f"ring not in the new memory table: {exc}")
             else:
-                self._open_cq()
                 self.more = True
         self.log.info("memory_mapped", generation=new.generation, regions=len(specs))
         self._reply(msg)
 
-    def _last_avail(self) -> int | None:
-        if self.cq is not None:
-            return self.cq.last_avail
-        return self.queue.last_avail if self.queue is not None else None
-
-    def _open_cq(self) -> None:
-        if self.engine != "c" or self.queue is None:
-            return
-        from .engine import CQueue
-
-        def wants_uring(spec):
-            if spec.aio == "uring":
-                return True
-            return spec.aio == "auto" and bool(spec.delay_us or spec.direct)
-
-        use_uring = any(wants_uring(s) for s in self.lun_specs.values())
-        flags = {}
-        for number, disk in self.luns.items():
-            spec = self.lun_specs[number]
-            f = 1 | 8                                   # PRESENT | FAST
-            if spec.readonly:
-                f |= 2
-            if spec.is_null:
-                f |= 4
-            if wants_uring(spec):
-                f |= 16                                 # ASYNC (io_uring)
-            flags[number] = {
-                "flags": f, "fd": getattr(disk.backend, "fd", -1) if not spec.is_null else -1,
-                "delay_ns": spec.delay_us * 1000,
-                "state": (memoryview(self.state_mm)[number:number + 1]
-                          if self.state_mm is not None else None),
-            }
-        self.cq = CQueue(queue=self.queue, mem=self.mem, luns=self.luns, lun_flags=flags,
-                         cdb_size=self.cdb_size, sense_size=self.sense_size,
-                         inflight=self.inflight, call_fd=self.call_fd, use_uring=use_uring,
-                         poll_us=self.poll_us)
-        if use_uring and self.cq.uring is None:
-            self.log.warning("io_uring_unavailable", error=getattr(self.cq, "uring_error", "?"),
-                             fallback="synchronous I/O; injected latency served by timers")
-            for number in flags:
-                self.cq.q.luns[number].flags &= ~16
-        if self.cq.uring_fd >= 0:
-            self.epoll.register(self.cq.uring_fd, select.EPOLLIN)
+    def _open_engine(self) -> None:
+        if self.engine_kind == "c":
+            self.eng = CEngine(queue=self.queue, mem=self.mem, luns=self.luns,
+                               specs=self.lun_specs, state_page=self.state_mm,
+                               cdb_size=self.cdb_size, sense_size=self.sense_size,
+                               inflight=self.inflight, call_fd=self.call_fd,
+                               poll_us=self.poll_us, log=self.log)
+        else:
+            self.eng = PyEngine(self.queue, self.inflight, self.call_fd)
+        if self.eng.completion_fd >= 0:
+            self.epoll.register(self.eng.completion_fd, select.EPOLLIN)
 
     def _merged_stats(self) -> dict:
         out = dict(self.stats)
-        if self.cq is not None:
-            for k, v in self.cq.stats().items():
+        if self.eng is not None:
+            for k, v in self.eng.stats().items():
                 out[k] = out.get(k, 0) + v
-            out["requests"] += self.cq.q.st_fast + self.cq.q.st_slow
         return out
 
-    def _close_cq(self) -> None:
-        if self.cq is None:
+    def _close_engine(self) -> None:
+        if self.eng is None:
             return
         self.stats = self._merged_stats()
-        if self.cq.uring_fd >= 0:
+        if self.eng.completion_fd >= 0:
             try:
-                self.epoll.unregister(self.cq.uring_fd)
+                self.epoll.unregister(self.eng.completion_fd)
             except OSError:
                 pass
-        if self.inflight is not None:
-            self.inflight.counter = self.cq.q.counter
-        if self.queue is not None:
-            self.queue.last_avail = self.cq.last_avail
-            self.queue.used_idx = self.cq.used_idx
-        self.cq.close()
-        self.cq = None
+        self.eng.close()
+        self.eng = None
 
     def _close_memory(self) -> None:
         if self.mem is not None:
@@ -717,16 +612,15 @@ class Worker:
             self.queue.release()
             self.queue = None
 
-    def _build_queue(self, p: dict, last_avail: int) -> None:
+    def _build_queue(self, p: M.StartRing, last_avail: int) -> None:
         self._drop_queue_views()
-        self.queue = SplitQueue(self.mem, int(p["size"]), int(p["desc"]), int(p["avail"]),
-                                int(p["used"]), event_idx=bool(p["event_idx"]),
-                                last_avail=last_avail)
+        self.queue = SplitQueue(self.mem, p.size, p.desc, p.avail, p.used,
+                                event_idx=p.event_idx, last_avail=last_avail)
 
-    def _map_inflight(self, msg: dict, fd: int) -> None:
+    def _map_inflight(self, msg: M.StartRing, fd: int) -> None:
         self._unmap_inflight()
-        offset = int(msg["inflight_offset"])
-        size = int(msg["inflight_size"])
+        offset = msg.inflight_offset
+        size = msg.inflight_size
         page = offset - offset % mmap.ALLOCATIONGRANULARITY
         try:
             self._inflight_mm = mmap.mmap(fd, size + offset - page, mmap.MAP_SHARED,
@@ -738,7 +632,7 @@ class Worker:
         self._inflight_guard = guard_mapping(self._inflight_mm)
         view = memoryview(self._inflight_mm)[offset - page:offset - page + size]
         try:
-            self.inflight = InflightQueue(view, int(msg["size"]))
+            self.inflight = InflightQueue(view, msg.size)
         except ValueError:
             view.release()
             raise
@@ -753,38 +647,32 @@ class Worker:
             unguard_mapping(self._inflight_guard)
             self._inflight_guard = None
 
-    def _op_start(self, msg: dict, fds: list[int]) -> None:
-        fds = list(fds)
-        kick = fds.pop(0)
-        call = fds.pop(0) if msg.get("has_call") else -1
-        inflight_fd = fds.pop(0) if msg.get("has_inflight") else -1
-        err = fds.pop(0) if msg.get("has_err") and fds else -1
-        for fd in fds:
-            os.close(fd)
-        if err >= 0:
-            self._set_fd("err_fd", err)
+    def on_start(self, msg: M.StartRing) -> None:
+        if msg.err is not None:
+            self._set_fd("err_fd", msg.err)
         if self.started:
-            self._op_stop({"op": "stop"}, [])
-        if self.mem is None:
+            self._stop()
+        kick, call, inflight_fd = msg.kick, msg.call, msg.inflight
+        if self.mem is None or kick is None:
             for fd in (kick, call, inflight_fd):
-                if fd >= 0:
+                if fd is not None:
                     os.close(fd)
-            self._reply(msg, ok=False, error="no memory table")
+            self._reply(msg, ok=False, error="no memory table" if self.mem is None else "no kick fd")
             return
         try:
-            self._build_queue(msg, int(msg["last_avail"]))
+            self._build_queue(msg, msg.last_avail)
             q = self.queue
-            if inflight_fd >= 0:
-                fd, inflight_fd = inflight_fd, -1      # the mapping owns it from here on
+            if inflight_fd is not None:
+                fd, inflight_fd = inflight_fd, None      # the mapping owns it from here on
                 self._map_inflight(msg, fd)
                 self._recover(q, msg)
-            self._open_cq()
+            self._open_engine()
         except Exception as exc:  # RingError, a bad inflight region, the engine refusing
             # A ring that cannot start keeps nothing: fds, mappings and views go.
             for fd in (kick, call, inflight_fd):
-                if fd >= 0:
+                if fd is not None:
                     os.close(fd)
-            self._close_cq()
+            self._close_engine()
             self._drop_queue_views()
             self._unmap_inflight()
             self.resubmit = []
@@ -792,30 +680,29 @@ class Worker:
             self.log.error("ring_start_failed", error=f"{type(exc).__name__}: {exc}")
             self._reply(msg, ok=False, error=str(exc))
             return
-        self._ring_params = dict(msg)
+        self._ring = msg
         self._set_kick(kick)
-        if call >= 0:
+        if call is not None:
             self._set_fd("call_fd", call)
-            if self.cq is not None:
-                self.cq.set_call_fd(call)
+            self.eng.set_call_fd(call)
         self.started = True
         self.broken = False
-        self.enabled = bool(msg.get("enabled", False))
-        self.log.info("ring_started", size=msg["size"], last_avail=q.last_avail,
-                      used_idx=q.used_idx, event_idx=bool(msg["event_idx"]),
+        self.enabled = msg.enabled
+        self.log.info("ring_started", size=msg.size, last_avail=q.last_avail,
+                      used_idx=q.used_idx, event_idx=msg.event_idx,
                       enabled=self.enabled, inflight=self.inflight is not None,
-                      engine="c" if self.cq is not None else "python",
-                      io_uring=bool(self.cq is not None and self.cq.uring is not None))
+                      engine=self.engine_kind,
+                      io_uring=isinstance(self.eng, CEngine) and self.eng.uring is not None)
         self.more = True      # requests may already be waiting
         self._reply(msg)
 
-    def _recover(self, q: SplitQueue, msg: dict) -> None:
+    def _recover(self, q: SplitQueue, msg: M.StartRing) -> None:
         """Pick up what a dead predecessor (or a previous daemon) left in flight:
         resubmit it, except what was resubmitted once already and is still in
         flight: that request was there when a worker died twice, and is failed
         (quarantined) rather than replayed into a third death."""
         recovered = None
-        if msg.get("recover"):
+        if msg.recover:
             recovered = self.inflight.recover(q.used_idx, q.used)
         if recovered is None:
             self.inflight.reset(q.used_idx)
@@ -835,7 +722,7 @@ class Worker:
             else:
                 self.inflight.note_resubmitted(head)
                 self.resubmit.append(head)
-        if heads or msg.get("resume") or q.last_avail != base:
+        if heads or msg.resume or q.last_avail != base:
             self.log.info("inflight_recovered", next_avail=q.last_avail, base=base,
                           used_idx=q.used_idx, resubmit=len(self.resubmit),
                           quarantine=len(self.poisoned))
@@ -858,60 +745,62 @@ class Worker:
             os.close(old)
         setattr(self, name, fd)
 
-    def _op_kick(self, msg: dict, fds: list[int]) -> None:
-        self._set_kick(fds[0] if fds else -1)
+    def on_kick(self, msg: M.SetKick) -> None:
+        self._set_kick(msg.kick if msg.kick is not None else -1)
         self.more = True
         self._reply(msg)
 
-    def _op_call(self, msg: dict, fds: list[int]) -> None:
-        self._set_fd("call_fd", fds[0] if fds else -1)
-        if self.cq is not None:
-            self.cq.set_call_fd(self.call_fd)
+    def on_call(self, msg: M.SetCall) -> None:
+        self._set_fd("call_fd", msg.call if msg.call is not None else -1)
+        if self.eng is not None:
+            self.eng.set_call_fd(self.call_fd)
         if self.call_fd >= 0 and self.started:
             # Completions published while there was no call fd must not be
             # left unsignalled; a spurious interrupt is harmless.
             os.eventfd_write(self.call_fd, 1)
         self._reply(msg)
 
-    def _op_err(self, msg: dict, fds: list[int]) -> None:
-        self._set_fd("err_fd", fds[0] if fds else -1)
+    def on_err(self, msg: M.SetErr) -> None:
+        self._set_fd("err_fd", msg.err if msg.err is not None else -1)
         self._reply(msg)
 
-    def _op_enable(self, msg: dict, fds: list[int]) -> None:
-        self.enabled = bool(msg["on"])
+    def on_enable(self, msg: M.EnableRing) -> None:
+        self.enabled = bool(msg.on)
         if self.enabled:
             self.more = True   # kicks that came while disabled are not lost
         self.log.info("ring_enabled" if self.enabled else "ring_disabled")
         self._reply(msg)
 
-    def _op_stop(self, msg: dict, fds: list[int]) -> None:
+    def _stop(self) -> int:
         self.drain()
-        self._close_cq()
+        self._close_engine()
         q = self.queue
-        last = q.last_avail if q is not None else int((self._ring_params or {}).get("last_avail", 0))
+        last = q.last_avail if q is not None else (self._ring.last_avail if self._ring else 0)
         used = q.used_idx if q is not None else None
         self.started = False
         self._set_kick(-1)
         self._drop_queue_views()
         self._unmap_inflight()
-        self._ring_params = None
+        self._ring = None
         self.resubmit = []
         self.poisoned = []
         self.log.info("ring_stopped", last_avail=last, used_idx=used, **self.stats)
-        self._reply(msg, last_avail=last)
+        return last
 
-    def _op_params(self, msg: dict, fds: list[int]) -> None:
-        self.cdb_size = int(msg["cdb_size"])
-        self.sense_size = int(msg["sense_size"])
-        if self.cq is not None:
-            self.cq.q.cdb_size = self.cdb_size
-            self.cq.q.sense_size = self.sense_size
+    def on_stop(self, msg: M.StopRing) -> None:
+        self._reply(msg, result=M.StopResult(last_avail=self._stop()))
+
+    def on_params(self, msg: M.SetParams) -> None:
+        self.cdb_size = msg.cdb_size
+        self.sense_size = msg.sense_size
+        if self.eng is not None:
+            self.eng.set_params(self.cdb_size, self.sense_size)
         self._reply(msg)
 
-    def _op_unmap(self, msg: dict, fds: list[int]) -> None:
+    def on_unmap(self, msg: M.Unmap) -> None:
         """The front end went away: drop the ring and the guest memory."""
         if self.started:
-            self._op_stop({"op": "stop"}, [])
+            self._stop()
         self._set_fd("call_fd", -1)
         self._set_fd("err_fd", -1)
         self._drop_queue_views()
@@ -920,41 +809,37 @@ class Worker:
         self.enabled = False
         self._reply(msg)
 
-    def _op_tmf(self, msg: dict, fds: list[int]) -> None:
-        """Task management. Requests in flight (injected latency) that match are
-        completed before the answer — with their real result, since the I/O
-        cannot be recalled — so when the TMF completes nothing matching is active."""
-        lun = msg.get("lun")
-        tag = msg.get("tag")
-        kind = msg.get("kind")
+    def on_tmf(self, msg: M.TaskMgmt) -> None:
+        """Task management. Requests in flight (injected latency, long commands) that
+        match are completed before the answer — with their real result, since the
+        I/O cannot be recalled — so when the TMF completes nothing matching is active."""
         found = False
-        for p in itertools.chain((t[2] for t in self.timers), self.long_ops):
-            if lun is not None and p.lun != lun:
+        for p in itertools.chain(self.timers.items(), self.long_ops):
+            if msg.lun is not None and p.lun != msg.lun:
                 continue
-            if kind in ("abort_task", "query_task"):
-                if p.tag == tag:
+            if msg.kind in ("abort_task", "query_task"):
+                if p.tag == msg.tag:
                     found = True
             else:
                 found = True
-        if found and kind not in ("query_task", "query_task_set"):
+        if found and msg.kind not in ("query_task", "query_task_set"):
             self.drain()
-        self._reply(msg, found=found)
+        self._reply(msg, result=M.TaskMgmtResult(found=found))
 
-    def _op_ping(self, msg: dict, fds: list[int]) -> None:
-        self._reply(msg, stats=self._merged_stats(), started=self.started, enabled=self.enabled,
-                    broken=self.broken, in_flight=self.in_flight)
+    def on_ping(self, msg: M.Ping) -> None:
+        self._reply(msg, result=M.PingResult(stats=self._merged_stats(), started=self.started,
+                                             enabled=self.enabled, broken=self.broken,
+                                             in_flight=self.in_flight))
 
-    def _op_exit(self, msg: dict, fds: list[int]) -> None:
+    def on_exit(self, msg: M.Exit) -> None:
         if self.started:
             self.drain()
         self.running = False
         self._reply(msg)
 
     def close(self) -> None:
-        if self.timer_fd >= 0:
-            os.close(self.timer_fd)
-            self.timer_fd = -1
-        self._close_cq()
+        self.timers.close()
+        self._close_engine()
         self._set_kick(-1)
         self._set_fd("call_fd", -1)
         self._set_fd("err_fd", -1)

@@ -17,7 +17,8 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from vscsid import device as D
+    from vscsid.vhost import device as D
+    from vscsid.virtio_scsi.config import ScsiConfig, ScsiPersonality
     from vscsid.vhost import protocol as P
 
 
@@ -30,8 +31,8 @@ class FdLog:
 
 
 def new_device():
-    return D.DeviceState(num_request_queues=2, max_queue_size=128,
-                         config=D.ScsiConfig(num_queues=2, seg_max=126))
+    return D.DeviceState(personality=ScsiPersonality(ScsiConfig(num_queues=2, seg_max=126)),
+                         max_queue_size=128)
 
 
 def apply(dev, msg):

@@ -5,16 +5,16 @@ import struct
 
 import pytest
 
-from vscsid.device import (
-    CONFIG_SIZE, OFFERED_FEATURES, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
-    VIRTIO_SCSI_F_CHANGE, DeviceState, Rejected, ScsiConfig,
-)
+from vscsid.vhost.device import DeviceState, Rejected
 from vscsid.vhost.protocol import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature
+from vscsid.virtio.defs import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX
+from vscsid.virtio.scsi_wire import CONFIG_SIZE, VIRTIO_SCSI_F_CHANGE
+from vscsid.virtio_scsi.config import OFFERED_FEATURES, ScsiConfig, ScsiPersonality
 
 
 def dev(queues=2):
-    return DeviceState(num_request_queues=queues, max_queue_size=256,
-                       config=ScsiConfig(num_queues=queues, seg_max=254))
+    return DeviceState(personality=ScsiPersonality(ScsiConfig(num_queues=queues, seg_max=254)),
+                       max_queue_size=256)
 
 
 def test_offered_features_are_what_we_implement():
@@ -82,7 +82,7 @@ def test_config_space_layout_and_writable_fields():
     assert struct.unpack("<IIIIIIIHHI", raw) == (4, 254, 0xFFFF, 128, 16, 96, 32, 0, 0, 16383)
     assert d.read_config(20, 4) == struct.pack("<I", 96)
     d.write_config(20, struct.pack("<II", 64, 16), 0)
-    assert (d.config.sense_size, d.config.cdb_size) == (64, 16)
+    assert (d.personality.config.sense_size, d.personality.config.cdb_size) == (64, 16)
     with pytest.raises(Rejected, match="read-only"):
         d.write_config(0, struct.pack("<I", 8), 0)
     with pytest.raises(Rejected):
@@ -90,4 +90,4 @@ def test_config_space_layout_and_writable_fields():
     with pytest.raises(Rejected):
         d.write_config(24, struct.pack("<I", 0), 0)
     d.reset()
-    assert (d.config.sense_size, d.config.cdb_size) == (96, 32)
+    assert (d.personality.config.sense_size, d.personality.config.cdb_size) == (96, 32)

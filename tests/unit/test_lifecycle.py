@@ -1,7 +1,7 @@
 """The worker lifecycle state machine, with a fake clock (no processes)."""
 from __future__ import annotations
 
-from vscsid.lifecycle import Action, Lifecycle, Policy, WState
+from vscsid.supervisor.lifecycle import Action, Lifecycle, Policy, WState
 
 
 def running(policy=None, now=0.0):

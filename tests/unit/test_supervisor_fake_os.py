@@ -18,10 +18,10 @@ import threading
 
 import pytest
 
-from vscsid import ipc
+from vscsid import messages as M
 from vscsid.config import DaemonConfig, LunSpec
-from vscsid.lifecycle import Policy, WState
-from vscsid.osops import OsOps
+from vscsid.supervisor.lifecycle import Policy, WState
+from vscsid.supervisor.osops import OsOps
 from vscsid.supervisor import LunTable, Supervisor
 
 pytestmark = pytest.mark.timeout(60)
@@ -105,10 +105,10 @@ class FakeOps(OsOps):
 
     def _run_hang(self, proc):
         """Answers ``configure``, then never answers again (stuck in a syscall)."""
-        msg, fds = ipc.recv(proc.sock)
-        for fd in fds:
+        msg = M.recv(proc.sock)
+        for fd in msg.fds():
             os.close(fd)
-        ipc.send(proc.sock, {"op": "reply", "seq": msg["seq"], "ok": True})
+        M.send(proc.sock, M.Reply(seq=msg.seq, ok=True))
         while proc.code is None:
             try:
                 data = proc.sock.recv(65536)

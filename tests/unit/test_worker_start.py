@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from vscsid import ipc
+from vscsid import messages as M
 from vscsid.config import LunSpec
 from vscsid.virtio.memory import RegionSpec
 from vscsid.supervisor import disk_info
@@ -21,30 +21,30 @@ def _maps(name: str) -> list[str]:
         return [line for line in f if name in line]
 
 
-def _call(w: Worker, sup, msg: dict, fds=()) -> dict:
-    ipc.send(sup, msg, fds)
+def _call(w: Worker, sup, msg: M.Request) -> M.Reply:
+    M.send(sup, msg)
     assert w._control()
-    rep, rfds = ipc.recv(sup)
-    assert not rfds
+    rep = M.recv(sup)
+    assert not rep.fds()
     return rep
 
 
 def test_failed_ring_start_leaks_nothing():
-    sup, chan = ipc.socketpair()
+    sup, chan = M.socketpair()
     w = Worker(chan)
     try:
         spec = LunSpec.parse("null:1M")
-        rep = _call(w, sup, {"op": "configure", "seq": 1, "engine": "c", "state_page": False,
-                             "luns": [{"lun": 0, "spec": spec.as_dict(),
-                                       "info": disk_info(spec, 0, 1 << 20)}]})
-        assert rep["ok"], rep
+        rep = _call(w, sup, M.Configure(seq=1, engine="c", lun_fds=[None],
+                                        luns=[{"lun": 0, "spec": spec.as_dict(),
+                                               "info": disk_info(spec, 0, 1 << 20)}]))
+        assert rep.ok, rep
         memfd = os.memfd_create("vscsid-test-guest")
         os.ftruncate(memfd, 1 << 20)
         region = RegionSpec(0, 1 << 20, 0x7F0000000000, 0).as_dict()
-        rep = _call(w, sup, {"op": "mem", "seq": 2, "regions": [region], "generation": 1,
-                             "max_regions": 32}, [memfd])
+        rep = _call(w, sup, M.MapMemory(seq=2, regions=[region], region_fds=[memfd],
+                                        generation=1, max_regions=32))
         os.close(memfd)
-        assert rep["ok"], rep
+        assert rep.ok, rep
         before = _open_fds()
         kick = os.eventfd(0, os.EFD_CLOEXEC)
         call = os.eventfd(0, os.EFD_CLOEXEC)
@@ -52,19 +52,18 @@ def test_failed_ring_start_leaks_nothing():
         os.ftruncate(inflight, 4096)
         # An inflight region far too small for a queue of 64: the start fails after
         # the ring was built and the region mapped.
-        ipc.send(sup, {"op": "start", "seq": 3, "size": 64, "desc": 0, "avail": 0x1000,
-                       "used": 0x2000, "last_avail": 0, "event_idx": True, "enabled": True,
-                       "has_call": True, "has_inflight": True, "has_err": False,
-                       "recover": False, "inflight_offset": 0, "inflight_size": 64},
-                 [kick, call, inflight])
+        M.send(sup, M.StartRing(seq=3, size=64, desc=0, avail=0x1000, used=0x2000,
+                                last_avail=0, event_idx=True, enabled=True, recover=False,
+                                kick=kick, call=call, inflight=inflight, inflight_offset=0,
+                                inflight_size=64))
         for fd in (kick, call, inflight):
             os.close(fd)
         assert w._control()
-        rep, _ = ipc.recv(sup)
-        assert not rep["ok"] and "too small" in rep["error"], rep
+        rep = M.recv(sup)
+        assert not rep.ok and "too small" in rep.error, rep
         assert _open_fds() <= before, "the failed start kept fds"
         assert not _maps("vscsid-test-inflight"), "the failed start kept the inflight mapping"
-        assert not w.started and w.queue is None and w.cq is None
+        assert not w.started and w.queue is None and w.eng is None
     finally:
         w.close()
         sup.close()

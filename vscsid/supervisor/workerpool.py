@@ -2,7 +2,7 @@
 
 One worker per request virtqueue. Each is spawned (never forked: the
 supervisor's event loop is running) with one end of a SEQPACKET socketpair;
-everything else reaches it over that channel (see :mod:`vscsid.ipc`). Exits
+everything else reaches it over that channel (see :mod:`vscsid.messages`). Exits
 are noticed at once through a pidfd registered with the event loop.
 
 Lifecycle per worker, after Supervisor's process states::
@@ -19,14 +19,16 @@ import asyncio
 import itertools
 import signal
 import socket
-from typing import Any, Callable, Sequence
+from typing import Callable
 
-from . import ipc
-from . import log as vlog
+from vscsid import log as vlog
+from vscsid import messages as M
+from vscsid.vhost.rings import RingUnavailable
+
 from .lifecycle import Lifecycle, Policy, WState
 
 
-class WorkerGone(Exception):
+class WorkerGone(RingUnavailable):
     """The worker exited (or its channel closed) before answering."""
 
 
@@ -34,7 +36,7 @@ class WorkerHandle:
     """The supervisor's view of one worker process."""
 
     def __init__(self, queue: int, loop: asyncio.AbstractEventLoop, ops, *,
-                 on_event: Callable[["WorkerHandle", dict], None],
+                 on_event: Callable[["WorkerHandle", M.Event], None],
                  on_exit: Callable[["WorkerHandle", int], None], policy: Policy | None = None):
         self.queue = queue
         self.loop = loop
@@ -47,12 +49,12 @@ class WorkerHandle:
         self.life = Lifecycle(policy)
         self.pending: dict[int, asyncio.Future] = {}
         self._seq = itertools.count(1)
-        self.last_stats: dict = {}
+        self.last_stats: M.PingResult | None = None
         self.log = vlog.get(queue=queue, vq=queue + 2)
 
     # ------------------------------------------------------------------ process
     def spawn(self, log_format: str, log_level: str) -> None:
-        parent, child = ipc.socketpair()
+        parent, child = M.socketpair()
         try:
             self.pid = self.ops.spawn_worker(self.queue, child.fileno(), log_format=log_format,
                                              log_level=log_level)
@@ -108,50 +110,46 @@ class WorkerHandle:
     def _on_channel(self) -> None:
         while self.chan is not None:
             try:
-                msg, fds = ipc.recv(self.chan, socket.MSG_DONTWAIT)
+                msg = M.recv(self.chan, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return
-            except ipc.ChannelClosed:
-                self._close_channel()
-                self._fail_pending(WorkerGone("worker closed its channel"))
-                return
-            except ConnectionResetError:
+            except (M.ChannelClosed, ConnectionResetError):
                 # The worker is gone; its pidfd reports how it ended.
                 self._close_channel()
                 self._fail_pending(WorkerGone("worker closed its channel"))
                 return
-            except (ipc.ChannelError, OSError) as exc:
+            except (M.ChannelError, OSError) as exc:
                 self.log.error("worker_channel_error", error=str(exc))
                 self._close_channel()
                 self._fail_pending(WorkerGone(str(exc)))
                 self.signal(signal.SIGKILL)
                 return
-            for fd in fds:              # workers never send fds
+            for fd in msg.fds():             # workers never send fds
                 self.ops.close(fd)
-            if msg["op"] == "reply":
-                fut = self.pending.pop(msg.get("seq"), None)
+            if isinstance(msg, M.Reply):
+                fut = self.pending.pop(msg.seq, None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
-            else:
+            elif isinstance(msg, M.Event):
                 self.on_event(self, msg)
 
-    async def request(self, op: str, fds: Sequence[int] = (), *, timeout: float = 30.0,
-                      **fields: Any) -> dict:
-        """Send one control message and wait for its reply."""
+    async def request(self, msg: M.Request, *, timeout: float = 30.0) -> M.Reply:
+        """Send one request and wait for its reply. The fds it carries stay the
+        caller's (the channel passes copies)."""
         if self.chan is None:
             raise WorkerGone("worker is not running")
-        seq = next(self._seq)
+        msg.seq = next(self._seq)
         fut = self.loop.create_future()
-        self.pending[seq] = fut
+        self.pending[msg.seq] = fut
         try:
-            ipc.send(self.chan, {"op": op, "seq": seq, **fields}, fds)
+            M.send(self.chan, msg)
         except OSError as exc:
-            self.pending.pop(seq, None)
+            self.pending.pop(msg.seq, None)
             raise WorkerGone(f"cannot reach worker: {exc}") from None
         try:
             return await asyncio.wait_for(fut, timeout)
         finally:
-            self.pending.pop(seq, None)
+            self.pending.pop(msg.seq, None)
 
 
 def describe_exit(code: int) -> str:

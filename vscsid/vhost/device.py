@@ -1,10 +1,11 @@
-"""The vhost-user SCSI device's state, without I/O.
+"""The state a vhost-user front end negotiates with a device, without I/O.
 
 This holds what the front end negotiated and configured — features, protocol
-features, owner, status, the per-ring settings and the virtio-scsi config
-space — and validates every change. The supervisor turns the resulting state
-changes into effects (mapping memory, starting workers' rings); this module
-only decides what is valid.
+features, owner, status, the per-ring settings — and validates every change.
+What is particular to a device type (the features it offers, its number of
+rings, its config space) comes from a :class:`Personality` (for virtio-scsi:
+vscsid.virtio_scsi.config.ScsiPersonality). The vhost-user handler turns the
+state changes into effects; this module only decides what is valid.
 
 Ring states follow docs/interop/vhost-user.rst: a ring is *stopped* or
 *started* and, separately, *enabled* or *disabled*. It starts when it gets a
@@ -14,34 +15,41 @@ with it they begin disabled and SET_VRING_ENABLE switches them.
 """
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from .vhost.protocol import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature, feature_mask
-from .virtio.defs import (  # noqa: F401  (re-exported for the supervisor)
-    STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
-)
-from .virtio.scsi_wire import (  # noqa: F401
-    CONFIG as SCSI_CONFIG, CONFIG_SIZE, EVENT_SIZE as EVENT_INFO_SIZE, FIRST_REQUEST_QUEUE,
-    MAX_CDB_SIZE, MAX_SENSE_SIZE, VIRTIO_SCSI_CDB_DEFAULT_SIZE as DEFAULT_CDB_SIZE, VIRTIO_SCSI_F_CHANGE,
-    VIRTIO_SCSI_SENSE_DEFAULT_SIZE as DEFAULT_SENSE_SIZE,
-)
+from vscsid.virtio.defs import VIRTIO_RING_F_EVENT_IDX
 
-OFFERED_FEATURES = feature_mask(VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
-                                VIRTIO_RING_F_EVENT_IDX, VHOST_USER_F_PROTOCOL_FEATURES)
+from .protocol import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature, feature_mask
 
+#: vhost-user protocol features the handler implements (device independent)
 OFFERED_PROTOCOL_FEATURES = feature_mask(
     ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG,
     ProtocolFeature.RESET_DEVICE, ProtocolFeature.STATUS, ProtocolFeature.INFLIGHT_SHMFD,
     ProtocolFeature.CONFIGURE_MEM_SLOTS,
 )
 
-_SENSE_SIZE_OFF = 20
-_CDB_SIZE_OFF = 24
-
 
 class Rejected(Exception):
     """A well-formed request the device refuses (answered with a NACK and a log line)."""
+
+
+class Personality(Protocol):
+    """What a device type brings to vhost-user."""
+
+    #: virtio feature bits offered (VHOST_USER_F_PROTOCOL_FEATURES included)
+    offered_features: int
+    #: virtqueues of the device
+    num_rings: int
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        """Bytes of the config space (Rejected when outside it)."""
+
+    def write_config(self, offset: int, data: bytes, flags: int) -> None:
+        """A driver write (flags 1: migration restores everything); Rejected if refused."""
+
+    def reset(self) -> None:
+        """Back to the config space's initial values."""
 
 
 @dataclass
@@ -64,31 +72,11 @@ class RingState:
         return [fd for fd in (self.kick_fd, self.call_fd, self.err_fd) if fd >= 0]
 
 
-@dataclass
-class ScsiConfig:
-    num_queues: int
-    seg_max: int
-    max_sectors: int = 0xFFFF
-    cmd_per_lun: int = 128
-    event_info_size: int = EVENT_INFO_SIZE
-    sense_size: int = DEFAULT_SENSE_SIZE
-    cdb_size: int = DEFAULT_CDB_SIZE
-    max_channel: int = 0
-    max_target: int = 0
-    max_lun: int = 16383
-
-    def pack(self) -> bytes:
-        return SCSI_CONFIG.pack(self.num_queues, self.seg_max, self.max_sectors,
-                                self.cmd_per_lun, self.event_info_size, self.sense_size,
-                                self.cdb_size, self.max_channel, self.max_target, self.max_lun)
-
 
 @dataclass
 class DeviceState:
-    num_request_queues: int
+    personality: Personality
     max_queue_size: int
-    config: ScsiConfig
-    offered_features: int = OFFERED_FEATURES
     offered_protocol_features: int = OFFERED_PROTOCOL_FEATURES
     acked_features: int = 0
     features_set: bool = False
@@ -103,7 +91,11 @@ class DeviceState:
 
     @property
     def num_rings(self) -> int:
-        return FIRST_REQUEST_QUEUE + self.num_request_queues
+        return self.personality.num_rings
+
+    @property
+    def offered_features(self) -> int:
+        return self.personality.offered_features
 
     # ------------------------------------------------------------------ features
     def has_protocol(self, bit: int) -> bool:
@@ -166,33 +158,10 @@ class DeviceState:
 
     # ------------------------------------------------------------------ config space
     def read_config(self, offset: int, size: int) -> bytes:
-        if size == 0 or offset + size > CONFIG_SIZE:
-            raise Rejected(f"config read {offset}+{size} outside the {CONFIG_SIZE}-byte space")
-        return self.config.pack()[offset:offset + size]
+        return self.personality.read_config(offset, size)
 
     def write_config(self, offset: int, data: bytes, flags: int) -> None:
-        size = len(data)
-        if size == 0 or offset + size > CONFIG_SIZE:
-            raise Rejected(f"config write {offset}+{size} outside the {CONFIG_SIZE}-byte space")
-        current = bytearray(self.config.pack())
-        new = bytearray(current)
-        new[offset:offset + size] = data
-        if flags != 1:  # 1 = migration: the front end restores everything
-            for i in range(offset, offset + size):
-                if not (_SENSE_SIZE_OFF <= i < _CDB_SIZE_OFF + 4) and new[i] != current[i]:
-                    raise Rejected(f"config byte {i} is read-only for the driver")
-        values = SCSI_CONFIG.unpack(bytes(new))
-        sense_size, cdb_size = values[5], values[6]
-        if not 0 < sense_size <= MAX_SENSE_SIZE or not 0 < cdb_size <= MAX_CDB_SIZE:
-            raise Rejected(f"sense_size {sense_size} / cdb_size {cdb_size} out of range")
-        if cdb_size < 6:
-            raise Rejected(f"cdb_size {cdb_size} is smaller than any CDB")
-        if flags == 1:
-            (self.config.num_queues, self.config.seg_max, self.config.max_sectors,
-             self.config.cmd_per_lun, self.config.event_info_size, _s, _c,
-             self.config.max_channel, self.config.max_target, self.config.max_lun) = values
-        self.config.sense_size = sense_size
-        self.config.cdb_size = cdb_size
+        self.personality.write_config(offset, data, flags)
 
     def reset(self) -> None:
         """Back to the initial device state (RESET_DEVICE / RESET_OWNER); fds are the
@@ -200,6 +169,5 @@ class DeviceState:
         self.acked_features = 0
         self.features_set = False
         self.status = 0
-        self.config.sense_size = DEFAULT_SENSE_SIZE
-        self.config.cdb_size = DEFAULT_CDB_SIZE
+        self.personality.reset()
         self.rings = [RingState(i) for i in range(self.num_rings)]

@@ -1,0 +1,297 @@
+"""The supervisor: owns the vhost-user socket and the workers.
+
+It runs a uvloop event loop that
+
+* accepts one front-end connection at a time on the vhost-user socket and, for
+  each, runs a :class:`~vscsid.supervisor.session.Session` (transport, sans-IO
+  vhost-user handler, the virtio-scsi control and event queues);
+* spawns one worker per request virtqueue at start-up, hands each its LUNs,
+  then per connection the guest memory and its ring, and watches them (the
+  lifecycle state machine, heartbeats, restarts);
+* handles signals, systemd notification and periodic statistics.
+
+When a front end disconnects, the session's rings are stopped, its memory
+unmapped, and the daemon waits for the next connection.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+
+from vscsid import log as vlog
+from vscsid import messages as M
+from vscsid import systemd
+from vscsid.config import DaemonConfig
+from vscsid.virtio.scsi_wire import VIRTIO_SCSI_CDB_DEFAULT_SIZE, VIRTIO_SCSI_SENSE_DEFAULT_SIZE
+
+from .lifecycle import Action, Policy, WState
+from .luns import LunTable
+from .osops import OsOps
+from .session import Session
+from .workerpool import WorkerGone, WorkerHandle, describe_exit
+
+
+class Supervisor:
+    def __init__(self, cfg: DaemonConfig, listener: socket.socket, luns: LunTable,
+                 ops: OsOps | None = None, policy: Policy | None = None,
+                 stats_interval: float = 60.0):
+        self.cfg = cfg
+        self.listener = listener
+        self.luns = luns
+        self.ops = ops or OsOps()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.workers: list[WorkerHandle] = []
+        self.session: Session | None = None
+        self.conn_counter = 0
+        self.log = vlog.get()
+        self.stopping = False
+        self.exit_code = 0
+        self._stop_event: asyncio.Event | None = None
+        self._signal_queue: list[int] = []
+        self.log_settings = vlog.settings()
+        self.policy = policy or Policy()
+        self.stats_interval = stats_interval
+        self.early_signals: list[int] = []
+        from vscsid.stats import ProcessStats
+        self.proc_stats = ProcessStats()
+
+    # ------------------------------------------------------------------ workers
+    def _spawn(self, w: WorkerHandle) -> None:
+        w.spawn(self.log_settings["format"], self.log_settings["level"])
+        if self.cfg.cpu_affinity:
+            from vscsid.stats import apply_affinity, format_cpus, worker_cpus
+
+            cpus = worker_cpus(self.cfg.cpu_affinity, w.queue)
+            try:
+                apply_affinity(w.pid, cpus)
+                w.log.info("worker_pinned", cpus=format_cpus(cpus))
+            except (OSError, ValueError) as exc:
+                w.log.error("worker_pin_failed", cpus=format_cpus(cpus), error=str(exc))
+
+    async def _configure(self, w: WorkerHandle) -> None:
+        cfg = self.session.config if self.session else None
+        msg = self.luns.configure_message(
+            queue=w.queue, engine=self.cfg.engine, poll_us=self.cfg.poll_us,
+            cdb_size=cfg.cdb_size if cfg else VIRTIO_SCSI_CDB_DEFAULT_SIZE,
+            sense_size=cfg.sense_size if cfg else VIRTIO_SCSI_SENSE_DEFAULT_SIZE)
+        rep = await w.request(msg, timeout=60)
+        if not rep.ok:
+            raise RuntimeError(f"worker {w.queue} failed to configure: {rep.error}")
+        w.life.configured(self.ops.monotonic())
+
+    def _on_worker_exit(self, w: WorkerHandle, code: int) -> None:
+        if self.stopping:
+            w.life.stopping()
+        decision = w.life.exited(self.ops.monotonic(), code)
+        if decision.action == Action.NONE:
+            w.log.info("worker_exited", status=describe_exit(code))
+            return
+        w.log.error("worker_died", status=describe_exit(code), next=decision.action.value,
+                    delay=decision.delay, reason=decision.reason)
+        if decision.action == Action.FATAL:
+            self.log.critical("worker_failing_repeatedly", queue=w.queue, reason=decision.reason,
+                              status=describe_exit(code))
+            self.exit_code = 1
+            self.request_stop()
+            return
+        self.loop.create_task(self._restart(w, decision.delay))
+
+    async def _restart(self, w: WorkerHandle, delay: float) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        if self.stopping:
+            return
+        self._spawn(w)
+        try:
+            await self._configure(w)
+            if self.session is not None:
+                await self.session.resume_worker(w)
+        except Exception as exc:
+            w.log.error("worker_restart_failed", error=str(exc))
+            w.signal(signal.SIGKILL)
+
+    async def _heartbeat_loop(self) -> None:
+        """Ping every worker; a worker that stops answering gets SIGABRT (it dumps
+        its stack), then SIGKILL; its exit then restarts it like any crash."""
+        interval = self.policy.heartbeat_interval
+        last_stats = self.ops.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            now = self.ops.monotonic()
+            pings = [w for w in self.workers if w.alive and w.chan is not None
+                     and w.state in (WState.RUNNING, WState.STARTING)]
+            results = await asyncio.gather(*(w.request(M.Ping(), timeout=interval)
+                                             for w in pings), return_exceptions=True)
+            now = self.ops.monotonic()
+            for w, res in zip(pings, results):
+                if isinstance(res, M.Reply) and res.ok:
+                    w.life.heartbeat(now)
+                    w.last_stats = res.result(M.Ping)
+            for w in self.workers:
+                if not w.alive:
+                    continue
+                d = w.life.check(now)
+                if d.action == Action.ABORT:
+                    w.log.error("worker_hung", reason=d.reason, action="SIGABRT")
+                    w.signal(signal.SIGABRT)
+                elif d.action == Action.KILL:
+                    w.log.error("worker_hung", reason=d.reason, action="SIGKILL")
+                    w.signal(signal.SIGKILL)
+            if self.stats_interval and now - last_stats >= self.stats_interval:
+                last_stats = now
+                self.log_stats()
+
+    def log_stats(self) -> None:
+        """One structured line per worker (and one for the supervisor): CPU time,
+        context switches and private memory (USS: RSS also counts the guest
+        memory every worker maps) from psutil, request counters from the worker."""
+        keys = ("cpu_user_s", "cpu_system_s", "ctx_voluntary", "ctx_involuntary", "mem_uss",
+                "num_fds")
+        for w in self.workers:
+            sample = self.proc_stats.sample(w.pid) if w.alive else None
+            last = w.last_stats
+            ring = last.stats if last is not None else {}
+            w.log.info("worker_stats", state=w.state.value, restarts=w.life.restarts,
+                       requests=ring.get("requests"), fast=ring.get("fast"),
+                       in_flight=last.in_flight if last is not None else None,
+                       **({k: sample[k] for k in keys} if sample else {}))
+        me = self.proc_stats.sample(os.getpid())
+        if me:
+            self.log.info("supervisor_stats", **{k: me[k] for k in keys})
+
+    # ------------------------------------------------------------------ main
+    def request_stop(self) -> None:
+        if self._stop_event is not None:
+            self._stop_event.set()
+
+    def _on_signal(self, sig: int) -> None:
+        # Handlers only enqueue; the loop acts.
+        self._signal_queue.append(sig)
+        self.loop.call_soon(self._handle_signals)
+
+    def _handle_signals(self) -> None:
+        while self._signal_queue:
+            sig = self._signal_queue.pop(0)
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                self.log.info("shutdown_requested", signal=signal.Signals(sig).name)
+                self.request_stop()
+            elif sig == signal.SIGHUP:
+                systemd.reloading("reopening logs")
+                vlog.reopen()
+                self.log.info("logs_reopened")
+                systemd.ready(self._status_text())
+
+    async def run(self) -> int:
+        self.loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self.loop.add_signal_handler(sig, self._on_signal, sig)
+        for sig in self.early_signals:      # arrived before the loop ran
+            self._on_signal(sig)
+        self.workers = [WorkerHandle(q, self.loop, self.ops, on_event=self._on_worker_event,
+                                     on_exit=self._on_worker_exit, policy=self.policy)
+                        for q in range(self.cfg.num_queues)]
+        for w in self.workers:
+            self._spawn(w)
+        results = await asyncio.gather(*(self._configure(w) for w in self.workers),
+                                       return_exceptions=True)
+        for w, res in zip(self.workers, results):
+            if isinstance(res, BaseException):
+                self.log.critical("worker_boot_failed", queue=w.queue, error=str(res))
+                await self._shutdown()
+                return 1
+        self.listener.setblocking(False)
+        accept_task = self.loop.create_task(self._accept_loop())
+        heartbeat_task = self.loop.create_task(self._heartbeat_loop())
+        self.log.info("ready", socket=self.cfg.socket_path or f"fd:{self.cfg.listen_fd}",
+                      queues=self.cfg.num_queues, luns=len(self.luns.specs),
+                      workers=[w.pid for w in self.workers])
+        systemd.ready(self._status_text())
+        watchdog_task = None
+        interval = systemd.watchdog_interval()
+        if interval:
+            watchdog_task = self.loop.create_task(self._watchdog_loop(interval))
+        await self._stop_event.wait()
+        systemd.stopping("draining in-flight requests")
+        accept_task.cancel()
+        heartbeat_task.cancel()
+        if watchdog_task is not None:
+            watchdog_task.cancel()
+        await self._shutdown()
+        return self.exit_code
+
+    def _status_text(self) -> str:
+        where = self.cfg.socket_path or f"fd {self.cfg.listen_fd}"
+        if self.session is not None:
+            return (f"serving {len(self.luns.specs)} LUN(s) on {self.cfg.num_queues} queue(s) "
+                    f"to front end #{self.session.conn_id}")
+        return f"{len(self.luns.specs)} LUN(s), {self.cfg.num_queues} queue(s); waiting for a front end on {where}"
+
+    def healthy(self) -> bool:
+        """No worker hung or failing: what the systemd watchdog vouches for."""
+        return all(w.life.aborted_at is None and w.state != WState.FATAL for w in self.workers)
+
+    async def _watchdog_loop(self, interval: float) -> None:
+        while True:
+            if self.healthy():
+                systemd.watchdog_ping()
+            await asyncio.sleep(interval)
+
+    async def _accept_loop(self) -> None:
+        while True:
+            conn, _ = await self.loop.sock_accept(self.listener)
+            if self.session is not None:
+                self.log.warning("connection_refused", reason="a front end is already connected")
+                conn.close()
+                continue
+            self.conn_counter += 1
+            self.session = Session(self, conn, self.conn_counter)
+            self.log.info("frontend_connected", conn=self.conn_counter)
+            systemd.status(self._status_text())
+            task = self.session.start()
+            task.add_done_callback(self._session_done)
+
+    def _session_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("session_crashed", error=repr(task.exception()))
+        self.session = None
+        if not self.stopping:
+            systemd.status(self._status_text())
+
+    def _on_worker_event(self, w: WorkerHandle, msg: M.Event) -> None:
+        if self.session is not None:
+            self.session.on_worker_event(w, msg)
+
+    async def _shutdown(self) -> None:
+        self.stopping = True
+        if self.session is not None:
+            self.session.end()
+            try:
+                await asyncio.wait_for(self.session.closed.wait(), 30)
+            except asyncio.TimeoutError:
+                self.log.error("session_teardown_timeout")
+        for w in self.workers:
+            w.life.stopping()
+            if w.chan is not None:
+                try:
+                    await w.request(M.Exit(), timeout=5)
+                except (WorkerGone, asyncio.TimeoutError):
+                    pass
+        deadline = self.ops.monotonic() + 5
+        while any(w.alive for w in self.workers) and self.ops.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for w in self.workers:
+            if w.alive:
+                w.signal(signal.SIGKILL)
+        while any(w.alive for w in self.workers):
+            await asyncio.sleep(0.02)
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+        if self.cfg.socket_path:
+            self.ops.unlink(self.cfg.socket_path)
+        self.luns.close()
+        self.log.info("stopped", exit_code=self.exit_code)

@@ -1,0 +1,129 @@
+"""A ring the supervisor serves on its own event loop (the virtio-scsi control and
+event queues): its view of guest memory, its kick fd watched by the loop, and the
+lock that keeps a memory-table change from pulling the memory from under an
+ongoing pass. The data path never comes here: request queues are workers'."""
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Callable
+
+from vscsid.vhost.device import RingState
+from vscsid.vhost.rings import RingAddrs, RingServer
+from vscsid.virtio.memory import GuestMemory
+from vscsid.virtio.splitq import RingError, SplitQueue
+
+
+class LocalRing(RingServer):
+    """One ring served in the supervisor. Subclasses say what a kick means."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, log, memory: Callable[[], GuestMemory | None],
+                 on_broken: Callable[[int, str], None]):
+        self.loop = loop
+        self.log = log
+        self.memory = memory
+        self.on_broken = on_broken
+        self.lock = asyncio.Lock()
+        self.state: RingState | None = None
+        self.addrs: RingAddrs | None = None
+        self.event_idx = False
+        self.queue: SplitQueue | None = None
+        self.last_avail = 0
+
+    # ------------------------------------------------------------------ RingServer
+    async def start(self, ring, addrs, *, event_idx, inflight, recover, resume) -> None:
+        self.state, self.addrs, self.event_idx = ring, addrs, event_idx
+        self.last_avail = ring.base
+        self._build()
+        self._watch_kick()
+        self.log.info("ring_started", ring=ring.index, size=ring.num, base=ring.base)
+        self.started()
+
+    async def stop(self, ring) -> int:
+        if self.state is None:
+            return ring.base
+        self._unwatch()
+        async with self.lock:
+            last = self.queue.last_avail if self.queue is not None else self.last_avail
+            if self.queue is not None:
+                self.queue.release()
+                self.queue = None
+        self.state = None
+        return last
+
+    async def kick_changed(self, ring) -> None:
+        if self.state is not None:
+            self._unwatch()
+            self._watch_kick()
+
+    # ------------------------------------------------------------------ subclass hooks
+    def started(self) -> None:
+        """The ring was started."""
+
+    def kicked(self) -> None:
+        """The driver kicked the ring."""
+
+    # ------------------------------------------------------------------ memory
+    def _build(self) -> None:
+        a = self.addrs
+        self.queue = SplitQueue(self.memory(), self.state.num, a.desc, a.avail, a.used,
+                                event_idx=self.event_idx, last_avail=self.last_avail)
+
+    def release_views(self) -> None:
+        """Drop every view of guest memory (the caller holds ``lock``)."""
+        if self.queue is not None:
+            self.last_avail = self.queue.last_avail
+            self.queue.release()
+            self.queue = None
+
+    def rebuild_views(self) -> None:
+        """Map the ring in the new memory table (the caller holds ``lock``)."""
+        if self.state is None:
+            return
+        try:
+            self._build()
+        except RingError as exc:
+            self.log.error("ring_unmappable_after_memory_change", ring=self.state.index,
+                           reason=str(exc))
+
+    # ------------------------------------------------------------------ kicks
+    def _watch_kick(self) -> None:
+        fd = self.state.kick_fd
+        os.set_blocking(fd, False)
+        self.loop.add_reader(fd, self._on_kick, fd)
+
+    def _unwatch(self) -> None:
+        if self.state is None:
+            return
+        try:
+            self.loop.remove_reader(self.state.kick_fd)
+        except (ValueError, OSError):
+            pass
+
+    def _on_kick(self, fd: int) -> None:
+        try:
+            os.eventfd_read(fd)
+        except (BlockingIOError, OSError):
+            pass
+        self.kicked()
+
+    def broken(self, reason: str) -> None:
+        """The ring as a whole is unusable: stop serving it, tell the front end (err
+        eventfd) and have the device marked as needing a reset."""
+        state = self.state
+        state.broken = True
+        self._unwatch()
+        self.log.error("ring_broken", ring=state.index, reason=reason)
+        if state.err_fd >= 0:
+            try:
+                os.eventfd_write(state.err_fd, 1)
+            except OSError:
+                pass
+        self.on_broken(state.index, reason)
+
+    def close(self) -> None:
+        self._unwatch()
+        if self.queue is not None:
+            self.queue.release()
+            self.queue = None
+        self.state = None

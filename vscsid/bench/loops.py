@@ -16,7 +16,6 @@ from __future__ import annotations
 import random
 import struct
 import time
-from typing import TYPE_CHECKING
 
 from vscsid.virtio.defs import DESC_SIZE
 from vscsid.virtio.scsi_wire import REQ_HDR_SIZE, RESP_HDR
@@ -26,9 +25,6 @@ from ._loop import ffi as _ffi, lib as _lib
 from .driverq import DeviceProtocolError, DriverQueue
 from .pattern import GEN_UNKNOWN, SECTOR, VERIFY_OK, VERIFY_UNWRITTEN, check_block, fill_block
 from .stats import HIST_N, hist_index, thread_cpu_ns
-
-if TYPE_CHECKING:
-    from .runner import Bench
 
 __all__ = ["QueueSetup", "CLoop", "PythonLoop", "STAT_FIELDS"]
 
@@ -60,9 +56,12 @@ def _rng_seed(seed: int, qidx: int) -> int:
 
 
 class QueueSetup:
-    """Ring + per-slot buffers of one request queue, laid out in guest memory."""
+    """Ring + per-slot buffers of one request queue, laid out in guest memory.
 
-    def __init__(self, bench: "Bench", qidx: int, ring_index: int, dq: DriverQueue,
+    ``bench`` is the run (:class:`vscsid.bench.runner.Bench`, which imports this
+    module): its configuration, guest memory and negotiated layout."""
+
+    def __init__(self, bench, qidx: int, ring_index: int, dq: DriverQueue,
                  blk_lo: int, blk_hi: int):
         cfg = bench.cfg
         self.bench = bench

@@ -783,6 +783,17 @@ static int fast_one(struct vsd_queue *q, uint16_t head)
     } else if (q->uring && (l->flags & LUN_ASYNC)) {
         return submit_async(q, l, head, kind, fd, iov, niov, off, bytes, written, bytes, resp, fua);
     }
+    if (kind == IO_READ && l->map) {
+        /* A memory file (tmpfs): its pages are the data; a copy, no system call. */
+        uint64_t pos = off;
+        int k;
+        for (k = 0; k < niov; k++) {
+            memcpy(iov[k].iov_base, l->map + pos, iov[k].iov_len);
+            pos += iov[k].iov_len;
+        }
+        complete_fast(q, head, kind, bytes, resp, written);
+        return 1;
+    }
     if (kind == IO_READ && q->uring && (l->flags & LUN_NOWAIT)) {
         /* Cached data inline; what would wait for the disk goes to io_uring. */
         ssize_t n = preadv2(fd, iov, niov, (off_t)off, RWF_NOWAIT);

@@ -49,6 +49,7 @@ struct vsd_lun {
     uint32_t mem_align;             /* O_DIRECT: buffer address and length alignment */
     int buffered_fd;                /* O_DIRECT: the same file without it, or -1 */
     uint64_t write_async_until;     /* writes go through io_uring until then (ns) */
+    const uint8_t *map;             /* a memory file (tmpfs) mapped whole: reads are copies */
 };
 
 struct vsd_uring;

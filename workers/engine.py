@@ -290,6 +290,12 @@ class CEngine(Engine):
                         log.warning("buffered_fd_unavailable", lun=number, error=str(exc),
                                     effect="unaligned O_DIRECT requests take the reference path")
             entry.write_async_until = 0
+            entry.map = ffi.NULL
+            mapping = getattr(disk.backend, "memory_map", lambda: None)()
+            if mapping is not None and len(mapping) >= disk.info.num_blocks * disk.info.block_size:
+                p = ffi.from_buffer("uint8_t[]", mapping)
+                self._pins.append(p)
+                entry.map = p
             q.nluns = max(q.nluns, number + 1)
 
     def _pin(self, buf):

@@ -48,6 +48,18 @@ _statx_fn = _libc.syscall
 _statx_fn.restype = ctypes.c_long
 
 
+TMPFS_MAGIC = 0x01021994
+_fstatfs_fn = _libc.fstatfs
+
+
+def fs_type(fd: int) -> int | None:
+    """The file system type of ``fd`` (statfs(2) f_type), or None."""
+    buf = ctypes.create_string_buffer(128)
+    if _fstatfs_fn(ctypes.c_int(fd), buf) != 0:
+        return None
+    return struct.unpack_from("=q", buf, 0)[0]
+
+
 def dio_alignment(fd: int) -> tuple[int, int] | None:
     """(file offset/length alignment, memory alignment) O_DIRECT needs on ``fd``, or
     None when the kernel or file system does not say."""
@@ -139,6 +151,8 @@ class FileBackend(Backend):
         self.delay_us = int(delay_us)
         self._dsync_flag = RWF_DSYNC
         self._buffered_fd = -1
+        self._map = None
+        self._map_guard = None
         try:
             st = os.fstat(fd)
             if stat.S_ISBLK(st.st_mode):
@@ -170,6 +184,21 @@ class FileBackend(Backend):
             align = dio_alignment(fd)
             lbs = self.logical_block_size or 512
             self.dio_align, self.mem_align = align if align else (max(lbs, 512), max(lbs, 512))
+
+    def memory_map(self):
+        """A read-only shared mapping of the whole file when it lives in memory
+        (tmpfs: its page cache is the storage, so reading it by a copy never waits
+        for a disk), else None. The mapping is guarded like guest memory: a file
+        truncated under it faults to zeros instead of killing the process."""
+        if self._map is None and not self.is_block_device and not self.direct and self.size:
+            if fs_type(self.fd) == TMPFS_MAGIC:
+                import mmap as _mmap
+
+                from vscsid.virtio.memory import guard_mapping
+
+                self._map = _mmap.mmap(self.fd, self.size, _mmap.MAP_SHARED, _mmap.PROT_READ)
+                self._map_guard = guard_mapping(self._map)
+        return self._map
 
     @property
     def buffered_fd(self) -> int:
@@ -353,6 +382,15 @@ class FileBackend(Backend):
         bfd, self._buffered_fd = self._buffered_fd, -1
         if bfd >= 0:
             os.close(bfd)
+        if self._map is not None:
+            from vscsid.virtio.memory import unguard_mapping
+
+            unguard_mapping(self._map_guard)
+            try:
+                self._map.close()
+            except BufferError:
+                pass             # still pinned by an engine: released with it
+            self._map = None
 
     def __del__(self) -> None:
         try:

@@ -20,7 +20,7 @@ from tests.hostile.harness import Conn, Guest as HostileGuest, HostileDaemon, fl
 from vscsid.bench import virtio_scsi as vs
 from vscsid.bench.guestmem import FrontendMemory
 from vscsid.vhost.protocol import MemoryRegion, MemoryTable, Request
-from vscsid.supervisor import WRITE_HIGH
+from vscsid.vhost.transport import WRITE_HIGH
 
 from .guest import DiskSpec, check_disk_results
 

@@ -338,7 +338,7 @@ class Flood:
     def wait_dropped(self) -> dict:
         """The daemon drops a front end that leaves its replies unread for
         ``UNREAD_TIMEOUT``: its log line says so and the socket is hung up."""
-        from vscsid.supervisor import UNREAD_TIMEOUT
+        from vscsid.vhost.transport import UNREAD_TIMEOUT
 
         rec = self.d.wait_since(self.mark, "frontend_not_reading", UNREAD_TIMEOUT + WAIT,
                                 conn=self.conn)

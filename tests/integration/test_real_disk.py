@@ -12,7 +12,7 @@ import pytest
 
 from tests.support import slowdisk
 from tests.wait import wait_for
-from vscsid.client import virtio_scsi as vs
+from vscsid.bench import virtio_scsi as vs
 
 from .test_daemon_io import guest_factory  # noqa: F401  (fixture)
 

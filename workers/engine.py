@@ -110,6 +110,7 @@ class PyEngine(Engine):
         self.more = False
         if self.broken:
             return []
+        budget = min(budget, q.size)     # as the C engine: at most a queue's worth per pass
         heads: list[int] = []
         try:
             while True:

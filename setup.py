@@ -2,7 +2,8 @@
 
 * ``cffi_modules`` builds the C parts as out-of-line API-mode extensions: the
   shared virtio layer's helpers (fences, SIGBUS guard), ``vscsid.virtio._ring``;
-  the data-plane engine, ``vscsid.workers._fast``; the benchmark's driver loop.
+  the data-plane engine, ``vscsid.workers._fast``; the benchmark's driver loop,
+  ``vscsid.bench._loop``.
 * The top-level ``workers/`` folder is installed as ``vscsid.workers`` (see
   ``package-dir`` in pyproject.toml); its sub-packages are listed here.
 """
@@ -26,5 +27,5 @@ setup(
     packages=_packages("vscsid", "vscsid") + _packages("workers", "vscsid.workers"),
     cffi_modules=["vscsid/virtio/_build.py:ffibuilder",
                   "workers/_fast_build.py:ffibuilder",
-                  "vscsid/client/_bench_build.py:ffibuilder"],
+                  "vscsid/bench/_build.py:ffibuilder"],
 )

@@ -237,7 +237,7 @@ def bench(b: Backend | None, **kw) -> dict:
 def _bench_once(b: Backend | None, *, rw: str, iodepth: int, queues: int, seconds: float, ramp: float,
                 bs: str = "4k", fmt: str | None = None, extra: list[str] = ()) -> dict:
     load_before = wait_quiet(WAIT_QUIET) if WAIT_QUIET else None
-    cmd = [sys.executable, "-m", "vscsid.client.bench", "--json", "--rw", rw, "--bs", bs,
+    cmd = [sys.executable, "-m", "vscsid.bench", "--json", "--rw", rw, "--bs", bs,
            "--iodepth", str(iodepth), "--queues", str(queues), "--seconds", str(seconds),
            "--ramp", str(ramp), *extra]
     if b is None:

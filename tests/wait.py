@@ -22,8 +22,9 @@ def wait_for(pred: Callable[[], T], timeout: float = WAIT, *, what: str | Callab
     """Call ``pred()`` until it returns a true value, and return that value.
 
     ``abort()``, when given, runs after every unsuccessful poll and may raise to give
-    up early (e.g. the daemon exited); ``pred`` gets one last look first, since what
-    it waits for may have happened just before.  After ``timeout`` seconds:
+    up early (e.g. the daemon exited); ``pred`` then gets one more look before the
+    error propagates, since what it waits for may have happened just before.  After
+    ``timeout`` seconds:
     AssertionError naming ``what`` (a string, or a callable evaluated only then,
     e.g. for a log tail)."""
     deadline = time.monotonic() + timeout

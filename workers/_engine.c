@@ -327,14 +327,16 @@ static int enable_kicks(struct vsd_queue *q)
 
 /* ------------------------------------------------------------------ io_uring (raw syscalls) */
 
+enum { IO_READ, IO_WRITE, IO_FSYNC };
+
 struct vsd_io {
     uint16_t head;
     uint16_t active;       /* submitted and not reaped yet */
     uint32_t written;      /* bytes to report in the used entry on success */
-    uint64_t expect;       /* bytes the I/O must transfer */
+    uint64_t expect;       /* bytes the I/O must transfer (what an inline attempt left) */
+    uint64_t bytes;        /* bytes of the request, for the statistics */
     uint8_t *resp;         /* response header (VIRTIO_SCSI_RESP_HDR bytes) */
-    int write;
-    int nullio;
+    int kind;              /* IO_* */
     struct iovec iov[VSD_MAX_IOV];
     int niov;
     struct __kernel_timespec ts;
@@ -512,15 +514,15 @@ static inline void ok_response(uint8_t *resp)
     memset(resp, 0, VIRTIO_SCSI_RESP_HDR);  /* sense_len 0, residual 0, qualifier 0, GOOD, S_OK */
 }
 
-static int do_sync_io(struct vsd_lun *l, int is_write, struct iovec *iov, int niov,
+static int do_sync_io(int fd, int is_write, struct iovec *iov, int niov,
                       uint64_t off, uint64_t len, int fua)
 {
     while (len) {
         ssize_t n;
         if (is_write)
-            n = pwritev2(l->fd, iov, niov, (off_t)off, fua ? RWF_DSYNC : 0);
+            n = pwritev2(fd, iov, niov, (off_t)off, fua ? RWF_DSYNC : 0);
         else
-            n = preadv(l->fd, iov, niov, (off_t)off);
+            n = preadv(fd, iov, niov, (off_t)off);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -536,6 +538,101 @@ static int do_sync_io(struct vsd_lun *l, int is_write, struct iovec *iov, int ni
     return 0;
 }
 
+/* O_DIRECT needs the file offset, the length and every buffer aligned. */
+static int dio_aligned(const struct vsd_lun *l, const struct iovec *iov, int niov, uint64_t off,
+                       uint64_t len)
+{
+    int k;
+    if ((off | len) & (l->dio_align - 1))
+        return 0;
+    for (k = 0; k < niov; k++)
+        if (((uintptr_t)iov[k].iov_base | iov[k].iov_len) & (l->mem_align - 1))
+            return 0;
+    return 1;
+}
+
+/* Queue one asynchronous I/O (READV, WRITEV, FSYNC or, for a null LUN, NOP), behind
+ * a hard-linked timeout when the LUN has injected latency. 1 = in flight, 0 = no
+ * room (the caller punts). The head is BUSY, so its slot in ios[] is free. */
+static int submit_async(struct vsd_queue *q, struct vsd_lun *l, uint16_t head, int kind, int fd,
+                        const struct iovec *iov, int niov, uint64_t off, uint64_t expect,
+                        uint32_t written, uint64_t bytes, uint8_t *resp, int fua)
+{
+    struct vsd_uring *u = q->uring;
+    struct vsd_io *io = &u->ios[head];
+    struct io_uring_sqe *sqe, *tsqe;
+    if (io->active || sq_space(u) < 2)
+        return 0;
+    io->head = head;
+    io->kind = kind;
+    io->expect = expect;
+    io->bytes = bytes;
+    io->resp = resp;
+    io->written = written;
+    io->niov = niov;
+    if (niov)
+        memcpy(io->iov, iov, sizeof(struct iovec) * (size_t)niov);
+    if (l->delay_ns) {
+        tsqe = get_sqe(u);
+        io->ts.tv_sec = (long long)(l->delay_ns / 1000000000ULL);
+        io->ts.tv_nsec = (long long)(l->delay_ns % 1000000000ULL);
+        tsqe->opcode = IORING_OP_TIMEOUT;
+        tsqe->addr = (uint64_t)(uintptr_t)&io->ts;
+        tsqe->len = 1;
+        tsqe->flags = IOSQE_IO_HARDLINK;
+        tsqe->user_data = ((uint64_t)head << 1) | 1;     /* odd: the timer part */
+    }
+    sqe = get_sqe(u);
+    if (l->flags & LUN_NULL) {
+        sqe->opcode = IORING_OP_NOP;
+        io->expect = 0;
+        if (kind == IO_READ) {
+            int k;
+            for (k = 0; k < niov; k++)
+                memset(io->iov[k].iov_base, 0, io->iov[k].iov_len);
+        }
+    } else if (kind == IO_FSYNC) {
+        sqe->opcode = IORING_OP_FSYNC;
+        sqe->fd = fd;
+        sqe->fsync_flags = IORING_FSYNC_DATASYNC;
+    } else {
+        sqe->opcode = kind == IO_WRITE ? IORING_OP_WRITEV : IORING_OP_READV;
+        sqe->fd = fd;
+        sqe->off = off;
+        sqe->addr = (uint64_t)(uintptr_t)io->iov;
+        sqe->len = (unsigned)niov;
+        if (kind == IO_WRITE && fua)
+            sqe->rw_flags = RWF_DSYNC;
+    }
+    sqe->user_data = (uint64_t)head << 1;
+    io->active = 1;
+    q->in_flight++;
+    if (q->in_flight > q->st_max_in_flight)
+        q->st_max_in_flight = q->in_flight;
+    q->st_async++;
+    return 1;
+}
+
+static void complete_fast(struct vsd_queue *q, uint16_t head, int kind, uint64_t bytes,
+                          uint8_t *resp, uint32_t written)
+{
+    ok_response(resp);
+    if (kind == IO_WRITE)
+        q->st_bytes_out += bytes;
+    else if (kind == IO_READ)
+        q->st_bytes_in += bytes;
+    q->st_fast++;
+    push(q, head, written);
+}
+
+/* A buffered write that took this long blocked (dirty throttling, block allocation,
+ * writeback): the LUN's writes then go through io_uring for a while, so that one
+ * queue never waits on the page cache twice in a row. */
+#define WRITE_BLOCKED_NS 200000ULL
+#define WRITE_ASYNC_HOLD_NS 1000000000ULL
+
+static inline uint64_t now_ns(void);
+
 /* Serve one request if it is on the fast path. 1 = completed or in flight, 0 = punt. */
 static int fast_one(struct vsd_queue *q, uint16_t head)
 {
@@ -545,11 +642,13 @@ static int fast_one(struct vsd_queue *q, uint16_t head)
     uint32_t hdr_len = VIRTIO_SCSI_REQ_HDR + q->cdb_size;
     uint32_t resp_len = VIRTIO_SCSI_RESP_HDR + q->sense_size;
     uint8_t op, flags;
-    uint64_t lba, nblocks, bytes;
+    uint64_t lba, nblocks, bytes, off;
     struct vsd_lun *l;
     unsigned lun;
-    int is_write, fua = 0;
+    int kind, fua = 0, fd, niov;
+    struct iovec *iov;
     uint8_t *resp;
+    uint32_t written;
 
     if (q->cdb_size > 64 || walk(q, head, &c))
         return 0;
@@ -577,6 +676,7 @@ static int fast_one(struct vsd_queue *q, uint16_t head)
             return 0;
         lba = be32(cdb + 2);
         nblocks = ((uint32_t)cdb[7] << 8) | cdb[8];
+        kind = op == 0x28 ? IO_READ : IO_WRITE;
         break;
     case 0x88:  /* READ(16) */
     case 0x8A:  /* WRITE(16) */
@@ -584,12 +684,45 @@ static int fast_one(struct vsd_queue *q, uint16_t head)
             return 0;
         lba = be64(cdb + 2);
         nblocks = be32(cdb + 10);
+        kind = op == 0x88 ? IO_READ : IO_WRITE;
+        break;
+    case 0x35:  /* SYNCHRONIZE CACHE(10) */
+        if ((flags & ~0x02) || (cdb[6] & 0xE0) || (cdb[9] & 0x04))   /* IMMED only */
+            return 0;
+        lba = be32(cdb + 2);
+        nblocks = ((uint32_t)cdb[7] << 8) | cdb[8];
+        kind = IO_FSYNC;
+        break;
+    case 0x91:  /* SYNCHRONIZE CACHE(16) */
+        if ((flags & ~0x02) || (cdb[14] & 0xE0) || (cdb[15] & 0x04))
+            return 0;
+        lba = be64(cdb + 2);
+        nblocks = be32(cdb + 10);
+        kind = IO_FSYNC;
         break;
     default:
         return 0;
     }
-    is_write = op & 0x02;
-    if (is_write) {
+    if (kind == IO_FSYNC) {
+        /* The flush runs in io_uring (or the reference path): never in this loop. */
+        if (lba > l->num_blocks || nblocks > l->num_blocks - lba)
+            return 0;
+        if (c.out_len != hdr_len || c.in_len != resp_len)
+            return 0;
+        resp = c.in[0].iov_base;
+        if (l->flags & LUN_NULL) {
+            if (l->delay_ns)
+                return q->uring && (l->flags & LUN_ASYNC)
+                    && submit_async(q, l, head, IO_FSYNC, -1, NULL, 0, 0, 0, resp_len, 0,
+                                    resp, 0);
+            complete_fast(q, head, IO_FSYNC, 0, resp, resp_len);
+            return 1;
+        }
+        if (!q->uring)
+            return 0;
+        return submit_async(q, l, head, IO_FSYNC, l->fd, NULL, 0, 0, 0, resp_len, 0, resp, 0);
+    }
+    if (kind == IO_WRITE) {
         if (flags & ~0x18)              /* only DPO and FUA */
             return 0;
         if (l->flags & LUN_RO)
@@ -607,7 +740,7 @@ static int fast_one(struct vsd_queue *q, uint16_t head)
     bytes = nblocks << l->block_shift;
     if (bytes > l->max_transfer_bytes)
         return 0;
-    if (is_write) {
+    if (kind == IO_WRITE) {
         if (c.in_len != resp_len || c.out_len - hdr_len != bytes)
             return 0;
     } else {
@@ -615,92 +748,96 @@ static int fast_one(struct vsd_queue *q, uint16_t head)
             return 0;
     }
     resp = c.in[0].iov_base;
-    if (is_write)
+    if (kind == IO_WRITE) {
         c.nout = skip_iov(c.out, c.nout, hdr_len);
-    else
+        iov = c.out;
+        niov = c.nout;
+        written = resp_len;
+    } else {
         c.nin = skip_iov(c.in, c.nin, resp_len);
+        iov = c.in;
+        niov = c.nin;
+        written = resp_len + (uint32_t)bytes;
+    }
+    off = lba << l->block_shift;
 
     if (l->flags & LUN_NULL) {
         if (l->delay_ns)
-            goto async;
-        if (!is_write) {
+            return submit_async(q, l, head, kind, -1, iov, niov, off, 0, written, bytes, resp, fua);
+        if (kind == IO_READ) {
             int k;
-            for (k = 0; k < c.nin; k++)
-                memset(c.in[k].iov_base, 0, c.in[k].iov_len);
+            for (k = 0; k < niov; k++)
+                memset(iov[k].iov_base, 0, iov[k].iov_len);
         }
-        goto done;
-    }
-    if (q->uring && (l->flags & LUN_ASYNC))
-        goto async;
-    if (do_sync_io(l, is_write, is_write ? c.out : c.in, is_write ? c.nout : c.nin,
-                   lba << l->block_shift, bytes, fua))
-        return 0;   /* let the reference path produce the right sense */
-done:
-    ok_response(resp);
-    if (is_write)
-        q->st_bytes_out += bytes;
-    else
-        q->st_bytes_in += bytes;
-    q->st_fast++;
-    push(q, head, resp_len + (is_write ? 0 : (uint32_t)bytes));
-    return 1;
-
-async: {
-        struct vsd_uring *u = q->uring;
-        struct vsd_io *io = &u->ios[head];
-        struct io_uring_sqe *sqe, *tsqe = NULL;
-        int n = is_write ? c.nout : c.nin;
-        /* Two SQEs: a timeout for the injected latency, hard-linked to the I/O.
-         * The head is BUSY, so its slot in ios[] is not in use. */
-        if (io->active || sq_space(u) < 2)
-            return 0;
-        io->head = head;
-        io->write = is_write;
-        io->expect = bytes;
-        io->resp = resp;
-        io->written = resp_len + (is_write ? 0 : (uint32_t)bytes);
-        io->niov = n;
-        io->nullio = (l->flags & LUN_NULL) != 0;
-        memcpy(io->iov, is_write ? c.out : c.in, sizeof(struct iovec) * (size_t)n);
-        if (l->delay_ns) {
-            tsqe = get_sqe(u);
-            if (!tsqe)
-                return 0;
-            io->ts.tv_sec = (long long)(l->delay_ns / 1000000000ULL);
-            io->ts.tv_nsec = (long long)(l->delay_ns % 1000000000ULL);
-            tsqe->opcode = IORING_OP_TIMEOUT;
-            tsqe->addr = (uint64_t)(uintptr_t)&io->ts;
-            tsqe->len = 1;
-            tsqe->flags = IOSQE_IO_HARDLINK;
-            tsqe->user_data = ((uint64_t)head << 1) | 1;     /* odd: the timer part */
-        }
-        sqe = get_sqe(u);
-        if (!sqe)
-            return 0;   /* cannot happen: room was checked */
-        if (l->flags & LUN_NULL) {
-            sqe->opcode = IORING_OP_NOP;
-        } else {
-            sqe->opcode = is_write ? IORING_OP_WRITEV : IORING_OP_READV;
-            sqe->fd = l->fd;
-            sqe->off = lba << l->block_shift;
-            sqe->addr = (uint64_t)(uintptr_t)io->iov;
-            sqe->len = (unsigned)n;
-            if (is_write && fua)
-                sqe->rw_flags = RWF_DSYNC;
-        }
-        sqe->user_data = (uint64_t)head << 1;
-        if (!is_write && (l->flags & LUN_NULL)) {
-            int k;
-            for (k = 0; k < n; k++)
-                memset(io->iov[k].iov_base, 0, io->iov[k].iov_len);
-        }
-        io->active = 1;
-        q->in_flight++;
-        if (q->in_flight > q->st_max_in_flight)
-            q->st_max_in_flight = q->in_flight;
-        q->st_async++;
+        complete_fast(q, head, kind, bytes, resp, written);
         return 1;
     }
+    fd = l->fd;
+    if ((l->flags & LUN_DIRECT) && !dio_aligned(l, iov, niov, off, bytes)) {
+        /* O_DIRECT cannot take it: the same file through the page cache (the
+         * kernel keeps both views coherent and does the read-modify-write). */
+        if (l->buffered_fd < 0)
+            return 0;
+        fd = l->buffered_fd;
+        q->st_unaligned++;
+    } else if (q->uring && (l->flags & LUN_ASYNC)) {
+        return submit_async(q, l, head, kind, fd, iov, niov, off, bytes, written, bytes, resp, fua);
+    }
+    if (kind == IO_READ && l->map) {
+        /* A memory file (tmpfs): its pages are the data; a copy, no system call. */
+        uint64_t pos = off;
+        int k;
+        for (k = 0; k < niov; k++) {
+            memcpy(iov[k].iov_base, l->map + pos, iov[k].iov_len);
+            pos += iov[k].iov_len;
+        }
+        complete_fast(q, head, kind, bytes, resp, written);
+        return 1;
+    }
+    if (kind == IO_READ && q->uring && (l->flags & LUN_NOWAIT)) {
+        /* Cached data inline; what would wait for the disk goes to io_uring. */
+        ssize_t n = preadv2(fd, iov, niov, (off_t)off, RWF_NOWAIT);
+        if (n == (ssize_t)bytes) {
+            complete_fast(q, head, kind, bytes, resp, written);
+            return 1;
+        }
+        if (n < 0 && errno == EOPNOTSUPP) {
+            l->flags &= ~LUN_NOWAIT;            /* e.g. tmpfs: reads never wait for I/O */
+        } else if (n < 0 && errno != EAGAIN && errno != EINTR) {
+            return 0;                           /* the reference path answers the error */
+        } else {
+            if (n > 0) {
+                niov = skip_iov(iov, niov, (size_t)n);
+                off += (uint64_t)n;
+            }
+            q->st_nowait_miss++;
+            return submit_async(q, l, head, kind, fd, iov, niov, off, bytes - (n > 0 ? n : 0),
+                                written, bytes, resp, fua);
+        }
+    }
+    if (kind == IO_WRITE && q->uring && !(l->flags & LUN_SYNC)) {
+        /* A durable write, or writes of a LUN whose last inline write blocked. */
+        if (fua || (l->write_async_until && now_ns() < l->write_async_until))
+            return submit_async(q, l, head, kind, fd, iov, niov, off, bytes, written, bytes,
+                                resp, fua);
+        {
+            uint64_t t0 = now_ns();
+            if (do_sync_io(fd, 1, iov, niov, off, bytes, 0))
+                return 0;       /* let the reference path produce the right sense */
+            if (now_ns() - t0 > WRITE_BLOCKED_NS) {
+                l->write_async_until = now_ns() + WRITE_ASYNC_HOLD_NS;
+                q->st_write_blocked++;
+            } else {
+                l->write_async_until = 0;
+            }
+        }
+        complete_fast(q, head, kind, bytes, resp, written);
+        return 1;
+    }
+    if (do_sync_io(fd, kind == IO_WRITE, iov, niov, off, bytes, fua))
+        return 0;   /* let the reference path produce the right sense */
+    complete_fast(q, head, kind, bytes, resp, written);
+    return 1;
 }
 
 /* Reap io_uring completions. Returns the number of requests completed; heads
@@ -734,16 +871,16 @@ static int reap(struct vsd_queue *q, uint16_t *slow, int *nslow, int max_slow)
             io->active = 0;
             if (q->in_flight)
                 q->in_flight--;
-            /* A NOP (null LUN) reports 0; an I/O must move every byte. Short or
-             * failed transfers are redone by the reference path, which loops on
-             * short I/O and turns errors into the right sense data. */
-            int ok = io->nullio ? res >= 0 : (res >= 0 && (uint64_t)res == io->expect);
-            if (ok) {
+            /* A NOP (null LUN) and an fsync report 0; a read or write must move
+             * every byte it was given. Short or failed transfers are redone by the
+             * reference path, which loops on short I/O and turns errors into the
+             * right sense data. */
+            if (res >= 0 && (uint64_t)res == io->expect) {
                 ok_response(io->resp);
-                if (io->write)
-                    q->st_bytes_out += io->expect;
-                else
-                    q->st_bytes_in += io->expect;
+                if (io->kind == IO_WRITE)
+                    q->st_bytes_out += io->bytes;
+                else if (io->kind == IO_READ)
+                    q->st_bytes_in += io->bytes;
                 q->st_fast++;
                 if (push(q, h, io->written) == 0)
                     done++;

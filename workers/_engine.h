@@ -15,7 +15,12 @@
 #define LUN_RO 2
 #define LUN_NULL 4
 #define LUN_FAST 8
-#define LUN_ASYNC 16        /* serve through io_uring (O_DIRECT, injected latency) */
+#define LUN_ASYNC 16        /* every read and write through io_uring (O_DIRECT, injected
+                               latency, aio=uring) */
+#define LUN_NOWAIT 32       /* reads inline with RWF_NOWAIT, through io_uring when they would
+                               wait for the disk (buffered files and devices) */
+#define LUN_DIRECT 64       /* opened O_DIRECT: unaligned requests take buffered_fd */
+#define LUN_SYNC 128        /* aio=sync: every read and write inline, as preadv/pwritev */
 
 /* struct vsd_queue.broken: why the ring as a whole is unusable */
 #define VSD_BROKEN_AVAIL_JUMP 1    /* avail->idx moved by more than the queue size */
@@ -40,6 +45,11 @@ struct vsd_lun {
     uint64_t max_transfer_bytes;
     uint64_t delay_ns;
     uint8_t *state;                 /* shared per-LUN state byte (WCE), may be NULL */
+    uint32_t dio_align;             /* O_DIRECT: offset and length alignment (power of 2) */
+    uint32_t mem_align;             /* O_DIRECT: buffer address and length alignment */
+    int buffered_fd;                /* O_DIRECT: the same file without it, or -1 */
+    uint64_t write_async_until;     /* writes go through io_uring until then (ns) */
+    const uint8_t *map;             /* a memory file (tmpfs) mapped whole: reads are copies */
 };
 
 struct vsd_uring;
@@ -83,7 +93,7 @@ struct vsd_queue {
     uint32_t in_flight;
     /* statistics */
     uint64_t st_fast, st_slow, st_bytes_in, st_bytes_out, st_calls, st_batches, st_async;
-    uint64_t st_max_in_flight;
+    uint64_t st_max_in_flight, st_nowait_miss, st_write_blocked, st_unaligned;
     /* adaptive busy polling (vsd_serve) */
     uint64_t poll_ns, poll_max_ns;
     uint64_t st_poll_hits, st_kicks;

@@ -113,6 +113,7 @@ class PyEngine(Engine):
         self.more = False
         if self.broken:
             return []
+        budget = min(budget, q.size)     # as the C engine: at most a queue's worth per pass
         heads: list[int] = []
         try:
             while True:
@@ -178,8 +179,17 @@ class PyEngine(Engine):
 
 
 def lun_flags(spec: LunSpec, uring: bool) -> int:
-    """The engine's view of a LUN (LUN_* of _engine.h). Network LUNs and LUNs with
-    injected faults are served by the reference path only (no LUN_FAST)."""
+    """The engine's view of a LUN (LUN_* of _engine.h).
+
+    aio=auto (the default): reads of a buffered file or device are tried inline
+    without waiting (RWF_NOWAIT) and go to io_uring when they would wait for the
+    disk; writes run inline until one blocks (then io_uring for a while); FUA writes
+    and SYNCHRONIZE CACHE always go to io_uring; O_DIRECT and injected latency put
+    every I/O through io_uring. aio=sync: everything inline (preadv/pwritev).
+    aio=uring: every I/O through io_uring.
+
+    Network LUNs and LUNs with injected faults are served by the reference path
+    only (no LUN_FAST)."""
     f = lib.LUN_PRESENT
     if not (spec.is_network or spec.inject):
         f |= lib.LUN_FAST
@@ -187,16 +197,23 @@ def lun_flags(spec: LunSpec, uring: bool) -> int:
         f |= lib.LUN_RO
     if spec.is_null:
         f |= lib.LUN_NULL
-    if uring and wants_uring(spec):
+    if spec.direct:
+        f |= lib.LUN_DIRECT
+    if spec.aio == "sync" and not spec.delay_us:
+        f |= lib.LUN_SYNC
+    elif uring and (spec.aio == "uring" or spec.delay_us or spec.direct):
         f |= lib.LUN_ASYNC
+    elif uring and not spec.is_null:
+        f |= lib.LUN_NOWAIT
     return f
 
 
 def wants_uring(spec: LunSpec) -> bool:
-    """io_uring for O_DIRECT and injected latency (aio=auto), or always (aio=uring)."""
-    if spec.aio == "uring":
+    """Whether the LUN needs io_uring: every file LUN but aio=sync (for the reads that
+    would wait, durable writes, flushes), and injected latency (its timers)."""
+    if spec.delay_us:
         return True
-    return spec.aio == "auto" and bool(spec.delay_us or spec.direct)
+    return not spec.is_null and spec.aio != "sync"
 
 
 class CEngine(Engine):
@@ -271,6 +288,23 @@ class CEngine(Engine):
             entry.delay_ns = spec.delay_us * 1000
             entry.state = (self._pin(memoryview(state_page)[number:number + 1])
                            if state_page is not None else ffi.NULL)
+            entry.dio_align = getattr(disk.backend, "dio_align", 1)
+            entry.mem_align = getattr(disk.backend, "mem_align", 1)
+            entry.buffered_fd = -1
+            if spec.direct and not spec.is_null:
+                try:
+                    entry.buffered_fd = disk.backend.buffered_fd
+                except OSError as exc:
+                    if log is not None:
+                        log.warning("buffered_fd_unavailable", lun=number, error=str(exc),
+                                    effect="unaligned O_DIRECT requests take the reference path")
+            entry.write_async_until = 0
+            entry.map = ffi.NULL
+            mapping = getattr(disk.backend, "memory_map", lambda: None)()
+            if mapping is not None and len(mapping) >= disk.info.num_blocks * disk.info.block_size:
+                p = ffi.from_buffer("uint8_t[]", mapping)
+                self._pins.append(p)
+                entry.map = p
             q.nluns = max(q.nluns, number + 1)
 
     def _pin(self, buf):
@@ -370,7 +404,9 @@ class CEngine(Engine):
                 "c_bytes_in": q.st_bytes_in, "c_bytes_out": q.st_bytes_out,
                 "c_calls": q.st_calls, "c_batches": q.st_batches,
                 "c_max_in_flight": q.st_max_in_flight, "poll_hits": q.st_poll_hits,
-                "c_kicks": q.st_kicks, "requests": q.st_fast + q.st_slow}
+                "c_kicks": q.st_kicks, "requests": q.st_fast + q.st_slow,
+                "nowait_misses": q.st_nowait_miss, "writes_blocked": q.st_write_blocked,
+                "unaligned_direct": q.st_unaligned}
 
     def close(self) -> None:
         """Hand the ring's state back to the SplitQueue and inflight region, release

@@ -17,10 +17,10 @@ import os
 import pytest
 
 from tests.hostile.harness import Conn, Guest as HostileGuest, HostileDaemon, flood_without_reading
-from vscsid.client import virtio_scsi as vs
-from vscsid.client.guestmem import FrontendMemory
+from vscsid.bench import virtio_scsi as vs
+from vscsid.bench.guestmem import FrontendMemory
 from vscsid.vhost.protocol import MemoryRegion, MemoryTable, Request
-from vscsid.supervisor import WRITE_HIGH
+from vscsid.vhost.transport import WRITE_HIGH
 
 from .guest import DiskSpec, check_disk_results
 

@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 from tests.daemon import Daemon
+from tests.support.rawq import RawQueue
 from tests.wait import WAIT, wait_for
-from vscsid.client import virtio_scsi as vs
-from vscsid.client.driverq import DriverQueue
-from vscsid.client.frontend import Nack, VhostUserFrontend
-from vscsid.client.guestmem import FrontendMemory
+from vscsid.bench import virtio_scsi as vs
+from vscsid.bench.frontend import Nack, VhostUserFrontend
+from vscsid.bench.guestmem import FrontendMemory
 from vscsid.vhost.protocol import (
     MemoryRegion, MemoryTable, ProtocolFeature, Request, U64Payload, VringFile, VringState,
     encode_request, feature_mask,
@@ -338,7 +338,7 @@ class Flood:
     def wait_dropped(self) -> dict:
         """The daemon drops a front end that leaves its replies unread for
         ``UNREAD_TIMEOUT``: its log line says so and the socket is hung up."""
-        from vscsid.supervisor import UNREAD_TIMEOUT
+        from vscsid.vhost.transport import UNREAD_TIMEOUT
 
         rec = self.d.wait_since(self.mark, "frontend_not_reading", UNREAD_TIMEOUT + WAIT,
                                 conn=self.conn)
@@ -410,10 +410,10 @@ class Guest:
         self.fe.negotiate(features=feats, protocol=PROTOCOL)
         self.fe.set_mem_table(self.mem)
         nq = d.num_queues if queues is None else queues
-        self.queues: dict[int, DriverQueue] = {}
+        self.queues: dict[int, RawQueue] = {}
         self.err_fds: dict[int, int] = {}
         for index in [0, 1] + [2 + i for i in range(nq)]:
-            q = DriverQueue(self.mem, size, event_idx=self.fe.event_idx)
+            q = RawQueue(self.mem, size, event_idx=self.fe.event_idx)
             if err and err_before_kick:
                 self._set_err(index)
             self.fe.setup_queue(index, q)

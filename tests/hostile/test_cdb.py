@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from vscsid.client import virtio_scsi as vs
+from vscsid.bench import virtio_scsi as vs
 
 from .harness import Guest
 

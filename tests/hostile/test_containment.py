@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from vscsid.client import virtio_scsi as vs
-from vscsid.client.guestmem import FrontendMemory
+from vscsid.bench import virtio_scsi as vs
+from vscsid.bench.guestmem import FrontendMemory
 from vscsid.vhost.protocol import Request
 
 from .harness import Guest, HostileDaemon, check_serves, flood_without_reading, wait_for
@@ -203,7 +203,7 @@ def test_truncated_inflight_region_does_not_kill_the_daemon():
     """The inflight region handed over with SET_INFLIGHT_FD is a front end's file too:
     shrinking it under the workers' mapping is survived like guest memory."""
     from vscsid.vhost import protocol as P
-    from vscsid.client.driverq import DriverQueue
+    from vscsid.bench.driverq import DriverQueue
     from vscsid.virtio.inflight import queue_region_size
 
     from .harness import Conn, memfd

@@ -22,11 +22,11 @@ import time
 
 import pytest
 
-from vscsid.client import virtio_scsi as vs
-from vscsid.client.driverq import VIRTQ_DESC_F_NEXT as N, VIRTQ_DESC_F_WRITE as W
-from vscsid.client.frontend import VhostUserFrontend
-from vscsid.client.guestmem import FrontendMemory
+from vscsid.bench import virtio_scsi as vs
+from vscsid.bench.frontend import VhostUserFrontend
+from vscsid.bench.guestmem import FrontendMemory
 from vscsid.vhost.protocol import MemoryRegion, MemRegionMsg, ProtocolFeature, Request, feature_mask
+from vscsid.virtio.defs import VIRTQ_DESC_F_NEXT as N, VIRTQ_DESC_F_WRITE as W
 
 from tests.wait import wait_for
 
@@ -215,7 +215,7 @@ def test_nine_memory_regions_are_served(make_daemon):
         for r in mem.regions:
             fe.request(Request.ADD_MEM_REG,
                        MemRegionMsg(MemoryRegion(r.gpa, r.size, r.user_addr, r.mmap_offset)), [r.fd])
-        from vscsid.client.driverq import DriverQueue
+        from vscsid.bench.driverq import DriverQueue
 
         queues = {}
         for index in range(4):

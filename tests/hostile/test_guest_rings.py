@@ -14,12 +14,10 @@ import struct
 
 import pytest
 
-from vscsid.client import virtio_scsi as vs
-from vscsid.client.driverq import (
-    DESC_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
-)
-from vscsid.client.guestmem import POISON, FrontendMemory
+from vscsid.bench import virtio_scsi as vs
+from vscsid.bench.guestmem import POISON, FrontendMemory
 from vscsid.vhost.protocol import Request
+from vscsid.virtio.defs import DESC_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 
 from .harness import Guest
 

@@ -18,9 +18,9 @@ import time
 import pytest
 
 from vscsid.vhost import protocol as P
-from vscsid.client import virtio_scsi as vs
-from vscsid.client.driverq import DriverQueue
-from vscsid.client.guestmem import FrontendMemory
+from vscsid.bench import virtio_scsi as vs
+from vscsid.bench.driverq import DriverQueue
+from vscsid.bench.guestmem import FrontendMemory
 from vscsid.vhost.protocol import (
     ConfigPayload, MemoryRegion, MemoryTable, Request, U64Payload, VringAddr, VringFile,
     VringState,

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from tests.wait import wait_for
-from vscsid.client.bench import check_block
+from vscsid.bench.pattern import check_block
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -25,7 +25,7 @@ SEED = 1
 
 
 def run_bench(*args: str, expect_rc: int | None = 0, timeout: float = 60) -> dict:
-    cmd = [sys.executable, "-m", "vscsid.client.bench", "--json", *args]
+    cmd = [sys.executable, "-m", "vscsid.bench", "--json", *args]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert p.stdout.strip(), f"no output (exit {p.returncode}): {p.stderr}"
     res = json.loads(p.stdout.strip().splitlines()[-1])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from vscsid.client import virtio_scsi as vs
+from vscsid.bench import virtio_scsi as vs
 
 from .test_daemon_io import guest_factory  # noqa: F401  (fixture)
 

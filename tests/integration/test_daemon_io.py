@@ -8,10 +8,10 @@ import struct
 import pytest
 
 from tests.wait import WAIT
-from vscsid.client import virtio_scsi as vs
-from vscsid.client.driverq import DriverQueue
-from vscsid.client.frontend import Nack, VhostUserFrontend
-from vscsid.client.guestmem import FrontendMemory
+from vscsid.bench import virtio_scsi as vs
+from vscsid.bench.driverq import DriverQueue
+from vscsid.bench.frontend import Nack, VhostUserFrontend
+from vscsid.bench.guestmem import FrontendMemory
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -194,3 +194,22 @@ def test_reconnect_after_disconnect(start_daemon, make_image, guest_factory):
     g2 = guest_factory(d)
     h = g2.command(vs.read10(1, 1), data_in_len=512)
     assert h.data_in == b"A" * 512
+
+
+def test_next_front_end_waits_for_the_previous_session_to_close(start_daemon, guest_factory):
+    # A VM that restarts at once connects while the previous session is still being
+    # torn down (here: draining a request that takes half a second): it is served,
+    # not refused.
+    d = start_daemon("--lun", "null:64M,delay_us=500000")
+    first = guest_factory(d)
+    b, q = first.builders[2], first.queues[2]
+    b.command(vs.read10(0, 8), data_in_len=4096)
+    q.kick()
+    from tests.wait import wait_for
+
+    wait_for(lambda: q.avail_event() == q.avail_idx, what="the request to be popped")
+    first.close()
+    second = guest_factory(d)
+    h = second.command(vs.test_unit_ready())
+    assert h.response.ok and h.response.status == 0
+    assert not d.events("connection_refused")

@@ -7,10 +7,10 @@ import os
 import pytest
 
 from tests.wait import WAIT
-from vscsid.client import virtio_scsi as vs
-from vscsid.client.driverq import DriverQueue
-from vscsid.client.frontend import VhostUserFrontend
-from vscsid.client.guestmem import FrontendMemory
+from vscsid.bench import virtio_scsi as vs
+from vscsid.bench.driverq import DriverQueue
+from vscsid.bench.frontend import VhostUserFrontend
+from vscsid.bench.guestmem import FrontendMemory
 from vscsid.vhost.protocol import (
     MemoryRegion, MemRegionMsg, ProtocolFeature, Request, feature_mask,
 )

@@ -3,7 +3,7 @@ real qemu-nbd and nbdkit, a Ceph RBD image on the real single-node cluster; the
 server killed and restarted under I/O; fault injection on every LUN type; task
 management aborting what never completes.
 
-The front end is the Python one (vscsid.client) with memfd guest memory, so every
+The front end is the Python one (vscsid.bench) with memfd guest memory, so every
 byte a command moves is checked against the server's storage."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from tests.daemon import Daemon
 from tests.support.servers import make_image
 from tests.wait import WAIT, wait_for
-from vscsid.client import virtio_scsi as vs
+from vscsid.bench import virtio_scsi as vs
 
 from .test_daemon_io import Guest
 

@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from vscsid.client import virtio_scsi as vs
+from vscsid.bench import virtio_scsi as vs
 
 from .test_daemon_io import Guest
 

@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from tests.wait import wait_for
-from vscsid.client import virtio_scsi as vs
+from vscsid.bench import virtio_scsi as vs
 
 from .test_daemon_io import Guest, guest_factory  # noqa: F401  (fixture)
 
@@ -103,9 +103,9 @@ def test_reconnect_with_a_stale_vring_base_resumes_at_the_used_index(start_daemo
     saying nothing is in flight, the ring must resume at the used index (used_idx +
     in flight, as the inflight-tracking spec has it), not at the stale base: the
     requests already answered must not run (and complete) a second time."""
-    from vscsid.client.driverq import DriverQueue
-    from vscsid.client.frontend import VhostUserFrontend
-    from vscsid.client.guestmem import FrontendMemory
+    from vscsid.bench.driverq import DriverQueue
+    from vscsid.bench.frontend import VhostUserFrontend
+    from vscsid.bench.guestmem import FrontendMemory
     from vscsid.vhost.protocol import Inflight, ProtocolFeature, Request, feature_mask
 
     proto = feature_mask(ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG,

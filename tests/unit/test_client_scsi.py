@@ -6,10 +6,10 @@ import struct
 
 import pytest
 
+from tests.support import virtio_scsi as vs
 from tests.unit.test_driverq import RefDevice
-from vscsid.client import virtio_scsi as vs
-from vscsid.client.driverq import DriverQueue
-from vscsid.client.guestmem import FrontendMemory
+from vscsid.bench.driverq import DriverQueue
+from vscsid.bench.guestmem import FrontendMemory
 
 MiB = 1 << 20
 

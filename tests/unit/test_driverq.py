@@ -15,23 +15,26 @@ from dataclasses import dataclass
 
 import pytest
 
-from vscsid.client.driverq import (
+from tests.support.rawq import RawQueue
+from vscsid.bench.driverq import (
+    DeviceProtocolError,
+    DriverQueue,
+    QueueFullError,
+    UnknownHead,
+)
+from vscsid.bench.guestmem import (
+    POISON,
+    FrontendMemory,
+    GuestMemoryError,
+    OutOfGuestMemory,
+)
+from vscsid.virtio.defs import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
-    DeviceProtocolError,
-    DriverQueue,
-    QueueFullError,
-    UnknownHead,
     vring_need_event,
-)
-from vscsid.client.guestmem import (
-    POISON,
-    FrontendMemory,
-    GuestMemoryError,
-    OutOfGuestMemory,
 )
 
 MiB = 1 << 20
@@ -224,7 +227,7 @@ def mr_mem():
 
 
 def make(mem, size=8, **kw):
-    q = DriverQueue(mem, size, **kw)
+    q = RawQueue(mem, size, **kw)
     return q, RefDevice.for_queue(q)
 
 

@@ -4,8 +4,8 @@ A generated sequence of guest actions — rewrite memory (descriptors, available
 entries, anything), offer heads (repeats, heads still held, out of range, index
 jumps), let the device run passes of a chosen budget, complete heads now or
 later — is played against the C engine (``vsd_run``, every request punted so that
-both sides only pop and validate) and against the reference ``SplitQueue`` on two
-identical guests. After every step both must agree: the heads popped, whether and
+both sides only pop and validate) and against the worker's reference engine
+(``PyEngine`` over ``SplitQueue``) on two identical guests. After every step both must agree: the heads popped, whether and
 why the ring broke, the indices, and every byte of guest memory (the used ring).
 
 The reference walker reads each descriptor from guest memory once: rewriting a
@@ -22,6 +22,9 @@ from hypothesis import strategies as st
 
 from vscsid.virtio import splitq as V
 from vscsid.workers._fast import ffi, lib
+from vscsid.workers.engine import PyEngine as ReferenceEngine
+
+from .test_engine_differential import c_queue
 
 from .test_properties_hostile import (  # noqa: F401  (guest is a fixture)
     AVAIL_GPA, DESC_GPA, USED_GPA, Guest, guest, load_tables, ref_walk, ring_case,
@@ -35,17 +38,9 @@ class CEngine:
     """A struct vsd_queue over a guest, with no LUNs: every head is punted."""
 
     def __init__(self, g: Guest, size: int, last_avail: int):
-        self.q = q = ffi.new("struct vsd_queue *")
-        for i, (base, rsize, gpa) in enumerate(g.ranges):
-            q.regions[i].gpa = gpa
-            q.regions[i].size = rsize
-            q.regions[i].host = ffi.cast("uint8_t *", base)
-        q.nregions = len(g.ranges)
-        base = g.ranges[0][0]
-        q.desc = ffi.cast("uint8_t *", base + DESC_GPA)
-        q.avail = ffi.cast("uint8_t *", base + AVAIL_GPA)
-        q.used = ffi.cast("uint8_t *", base + USED_GPA)
-        q.size, q.mask = size, size - 1
+        self.q, _ = c_queue(g, size)
+        q = self.q
+        q.used = ffi.cast("uint8_t *", g.ranges[0][0] + USED_GPA)
         q.last_avail = last_avail
         q.used_idx = struct.unpack("<H", g.read(USED_GPA + 2, 2))[0]
         q.event_idx = 1
@@ -56,14 +51,12 @@ class CEngine:
         q.completed, q.hstate = self.completed, self.hstate
         self.slow = ffi.new("uint16_t[]", size)
         self.size = size
-        self.held: list[int] = []
 
     def run(self, budget: int) -> tuple[list[int], str | None]:
         n = lib.vsd_run(self.q, self.slow, self.size, budget)
         heads = list(self.slow[0:n]) if n > 0 else []
-        b = self.q.broken
         why = {0: None, lib.VSD_BROKEN_AVAIL_JUMP: "jump", lib.VSD_BROKEN_HEAD_RANGE: "range",
-               lib.VSD_BROKEN_HEAD_BUSY: "busy"}[b]
+               lib.VSD_BROKEN_HEAD_BUSY: "busy"}[self.q.broken]
         return heads, why
 
     def push(self, head: int, written: int) -> bool:
@@ -74,45 +67,26 @@ class CEngine:
 
 
 class PyEngine:
-    """The reference SplitQueue, driven through a pass the way the engine runs one:
-    pop what is available up to the budget, re-enable kicks and re-check once all
-    of it was taken, stop at the budget otherwise."""
+    """The worker's reference engine (workers/engine.py) over a SplitQueue."""
 
     def __init__(self, g: Guest, size: int, last_avail: int):
-        self.q = V.SplitQueue(g.mem, size, DESC_GPA, AVAIL_GPA, USED_GPA, event_idx=True,
-                              last_avail=last_avail)
-        self.broken: str | None = None
+        q = V.SplitQueue(g.mem, size, DESC_GPA, AVAIL_GPA, USED_GPA, event_idx=True,
+                         last_avail=last_avail)
+        self.engine = ReferenceEngine(q, None, -1)
+        self.q = q
 
     def run(self, budget: int) -> tuple[list[int], str | None]:
-        q = self.q
-        if self.broken:
-            return [], self.broken
-        heads: list[int] = []
-        budget = min(budget, q.size)       # the engine hands back at most a queue's worth
-        try:
-            while True:
-                q.disable_kicks()
-                room = budget - len(heads)
-                available = q.pending()
-                if available and not room:
-                    break
-                heads += q.pop_heads(room)
-                if available > room:
-                    break                  # the budget is spent: the rest next pass
-                if not q.enable_kicks():
-                    break
-        except V.RingError as exc:
-            heads += exc.heads
-            r = str(exc)
-            self.broken = "jump" if "jumped" in r else "busy" if "offered twice" in r else "range"
-        return heads, self.broken
+        heads = self.engine.run(budget)
+        r = self.engine.broken
+        why = None if r is None else ("jump" if "jumped" in r else
+                                      "busy" if "offered twice" in r else "range")
+        return heads, why
 
     def push(self, head: int, written: int) -> bool:
-        return self.q.push(head, written)
+        return self.engine.push(head, written)
 
     def flush(self) -> None:
-        if self.q.pushed:
-            self.q.publish()
+        self.engine.flush()
 
 
 def _memory(g: Guest) -> bytes:

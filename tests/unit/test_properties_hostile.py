@@ -528,7 +528,7 @@ def test_decode_lun_range(lun):
 @FAST
 @given(lun=st.integers(0, 16383), target=st.integers(0, 255))
 def test_decode_lun_inverts_the_driver_encoding(lun, target):
-    from vscsid.client.virtio_scsi import lun_bytes
+    from vscsid.bench.virtio_scsi import lun_bytes
 
     n = R.decode_lun(lun_bytes(lun, target))
     assert n == (lun if target == 0 else R.LUN_BAD_TARGET)

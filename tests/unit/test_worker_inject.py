@@ -10,9 +10,9 @@ import os
 import pytest
 
 from vscsid import messages as M
-from vscsid.client import virtio_scsi as vs
-from vscsid.client.driverq import DriverQueue
-from vscsid.client.guestmem import FrontendMemory
+from vscsid.bench import virtio_scsi as vs
+from vscsid.bench.driverq import DriverQueue
+from vscsid.bench.guestmem import FrontendMemory
 from vscsid.config import ConfigError, LunSpec
 from vscsid.supervisor import disk_info
 from vscsid.supervisor.luns import LunTable

@@ -32,6 +32,9 @@ from .osops import OsOps
 from .session import Session
 from .workerpool import WorkerGone, WorkerHandle, describe_exit
 
+#: seconds a new front end waits for the previous one's session to finish closing
+CLOSE_WAIT = 30.0
+
 
 class Supervisor:
     def __init__(self, cfg: DaemonConfig, listener: socket.socket, luns: LunTable,
@@ -44,6 +47,7 @@ class Supervisor:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.workers: list[WorkerHandle] = []
         self.session: Session | None = None
+        self._session_task: asyncio.Task | None = None
         self.conn_counter = 0
         self.log = vlog.get()
         self.stopping = False
@@ -262,6 +266,15 @@ class Supervisor:
     async def _accept_loop(self) -> None:
         while True:
             conn, _ = await self.loop.sock_accept(self.listener)
+            if self.session is not None and self.session.ending:
+                # The previous front end is gone and its session is being torn down
+                # (rings drained, memory unmapped): a VM restarted at once waits for
+                # that rather than being refused.
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._session_task), CLOSE_WAIT)
+                except (asyncio.TimeoutError, Exception):
+                    pass
+                await asyncio.sleep(0)          # its done callback clears self.session
             if self.session is not None:
                 self.log.warning("connection_refused", reason="a front end is already connected")
                 conn.close()
@@ -270,7 +283,7 @@ class Supervisor:
             self.session = Session(self, conn, self.conn_counter)
             self.log.info("frontend_connected", conn=self.conn_counter)
             systemd.status(self._status_text())
-            task = self.session.start()
+            task = self._session_task = self.session.start()
             task.add_done_callback(self._session_done)
 
     def _session_done(self, task: asyncio.Task) -> None:

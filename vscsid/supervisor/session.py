@@ -258,6 +258,11 @@ class Session:
         finally:
             await self.teardown()
 
+    @property
+    def ending(self) -> bool:
+        """The front end is gone (or dropped): the session is closing."""
+        return self.transport.eof_seen or self.closed.is_set()
+
     async def teardown(self) -> None:
         self.transport.stop_reading()
         await self.handler.close()

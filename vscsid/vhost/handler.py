@@ -465,16 +465,22 @@ class VhostHandler:
             self.backend.close_fd(self.inflight.fd)
             self.inflight = None
 
-    async def on_get_inflight_fd(self, msg):
-        p: InflightPayload = msg.payload
+    def _inflight_geometry(self, p: InflightPayload, what: str) -> int:
+        """Validate the queues and queue size an inflight region describes; the bytes
+        of one queue's region."""
         if not 0 < p.num_queues <= self.device.num_rings:
-            raise Rejected(f"GET_INFLIGHT_FD for {p.num_queues} queues (device has "
+            raise Rejected(f"{what} for {p.num_queues} queues (device has "
                            f"{self.device.num_rings})")
         qs = p.queue_size
         if not 0 < qs <= MAX_INFLIGHT_QUEUE_SIZE or qs & (qs - 1):
-            raise Rejected(f"GET_INFLIGHT_FD queue size {qs} is not a power of two <= "
+            raise Rejected(f"{what} queue size {qs} is not a power of two <= "
                            f"{MAX_INFLIGHT_QUEUE_SIZE}")
-        per = queue_region_size(qs)
+        return queue_region_size(qs)
+
+    async def on_get_inflight_fd(self, msg):
+        p: InflightPayload = msg.payload
+        per = self._inflight_geometry(p, "GET_INFLIGHT_FD")
+        qs = p.queue_size
         size = per * p.num_queues
         fd = self.backend.memfd("vscsid-inflight", size)
         seal_memfd(fd)
@@ -491,12 +497,8 @@ class VhostHandler:
         fd = msg.fds[0]
         msg.fds = []
         try:
-            if not 0 < p.num_queues <= self.device.num_rings:
-                raise Rejected(f"SET_INFLIGHT_FD for {p.num_queues} queues")
+            per = self._inflight_geometry(p, "SET_INFLIGHT_FD")
             qs = p.queue_size
-            if not 0 < qs <= MAX_INFLIGHT_QUEUE_SIZE or qs & (qs - 1):
-                raise Rejected(f"SET_INFLIGHT_FD queue size {qs} is not a power of two")
-            per = queue_region_size(qs)
             if p.mmap_size < per * p.num_queues:
                 raise Rejected(f"inflight region of {p.mmap_size} bytes is too small for "
                                f"{p.num_queues} queues of {qs}")

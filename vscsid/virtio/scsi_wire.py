@@ -45,6 +45,9 @@ EVENT_SIZE = EVENT.size                  # 16
 CONFIG = struct.Struct("<IIIIIIIHHI")    # the virtio-scsi config space (virtio 1.x 5.6.4)
 CONFIG_SIZE = CONFIG.size                # 36
 assert (REQ_HDR_SIZE, RESP_HDR_SIZE) == (_lib.VIRTIO_SCSI_REQ_HDR, _lib.VIRTIO_SCSI_RESP_HDR)
+assert [struct.calcsize(RESP_HDR.format[:n]) for n in (1, 2, 4, 5)] == [
+    _lib.VIRTIO_SCSI_RESP_OFF_SENSE_LEN, _lib.VIRTIO_SCSI_RESP_OFF_RESIDUAL,
+    _lib.VIRTIO_SCSI_RESP_OFF_STATUS, _lib.VIRTIO_SCSI_RESP_OFF_RESPONSE]
 
 # ----------------------------------------------------------------- feature bits
 VIRTIO_SCSI_F_INOUT = 0

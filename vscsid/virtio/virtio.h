@@ -56,6 +56,11 @@
  * u8 status, response; u8 sense[]}, and the default cdb/sense sizes. */
 #define VIRTIO_SCSI_REQ_HDR 19
 #define VIRTIO_SCSI_RESP_HDR 12
+/* where the fields of virtio_scsi_cmd_resp lie (the driver side reads them) */
+#define VIRTIO_SCSI_RESP_OFF_SENSE_LEN 0
+#define VIRTIO_SCSI_RESP_OFF_RESIDUAL 4
+#define VIRTIO_SCSI_RESP_OFF_STATUS 10
+#define VIRTIO_SCSI_RESP_OFF_RESPONSE 11
 #define VIRTIO_SCSI_CDB_DEFAULT_SIZE 32
 #define VIRTIO_SCSI_SENSE_DEFAULT_SIZE 96
 #define VIRTIO_SCSI_S_OK 0

@@ -9,6 +9,8 @@ import stat
 import struct
 from typing import Sequence
 
+from vscsid.virtio._ring import ffi as _ffi
+
 from .base import IOV_MAX, Backend, advance, total_length, zero_fill
 
 # <linux/fs.h>
@@ -38,6 +40,40 @@ _fallocate_fn.restype = ctypes.c_int
 
 RWF_DSYNC = getattr(os, "RWF_DSYNC", 0x2)
 
+# statx(2): the alignment O_DIRECT needs (STATX_DIOALIGN, Linux 6.1)
+_SYS_STATX = 332
+_AT_EMPTY_PATH = 0x1000
+_STATX_DIOALIGN = 0x2000
+_statx_fn = _libc.syscall
+_statx_fn.restype = ctypes.c_long
+
+
+TMPFS_MAGIC = 0x01021994
+_fstatfs_fn = _libc.fstatfs
+
+
+def fs_type(fd: int) -> int | None:
+    """The file system type of ``fd`` (statfs(2) f_type), or None."""
+    buf = ctypes.create_string_buffer(128)
+    if _fstatfs_fn(ctypes.c_int(fd), buf) != 0:
+        return None
+    return struct.unpack_from("=q", buf, 0)[0]
+
+
+def dio_alignment(fd: int) -> tuple[int, int] | None:
+    """(file offset/length alignment, memory alignment) O_DIRECT needs on ``fd``, or
+    None when the kernel or file system does not say."""
+    buf = ctypes.create_string_buffer(256)
+    r = _statx_fn(ctypes.c_long(_SYS_STATX), ctypes.c_int(fd), ctypes.c_char_p(b""),
+                  ctypes.c_int(_AT_EMPTY_PATH), ctypes.c_uint(_STATX_DIOALIGN), buf)
+    if r != 0:
+        return None
+    mask, = struct.unpack_from("=I", buf, 0)
+    mem, off = struct.unpack_from("=II", buf, 152)
+    if not mask & _STATX_DIOALIGN or not off or not mem:
+        return None
+    return off, mem
+
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) with a mode (``os.posix_fallocate`` has none); raises OSError."""
@@ -47,6 +83,15 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         err = ctypes.get_errno()
         if err != errno.EINTR:
             raise OSError(err, os.strerror(err))
+
+
+def _address(view: memoryview) -> int:
+    """The address of a buffer's first byte."""
+    p = _ffi.from_buffer(view)
+    try:
+        return int(_ffi.cast("uintptr_t", p))
+    finally:
+        _ffi.release(p)
 
 
 def _ioctl_int(fd: int, req: int, fmt: struct.Struct) -> int:
@@ -105,6 +150,9 @@ class FileBackend(Backend):
         self.direct = direct
         self.delay_us = int(delay_us)
         self._dsync_flag = RWF_DSYNC
+        self._buffered_fd = -1
+        self._map = None
+        self._map_guard = None
         try:
             st = os.fstat(fd)
             if stat.S_ISBLK(st.st_mode):
@@ -129,6 +177,52 @@ class FileBackend(Backend):
             self.fd = -1
             raise
         self.readonly = bool(readonly)
+        # O_DIRECT: what it needs aligned; a request that is not (a 512-byte LUN on a
+        # 4 KiB device, an odd guest buffer) takes the same file through the page cache.
+        self.dio_align, self.mem_align = 1, 1
+        if direct:
+            align = dio_alignment(fd)
+            lbs = self.logical_block_size or 512
+            self.dio_align, self.mem_align = align if align else (max(lbs, 512), max(lbs, 512))
+
+    def memory_map(self):
+        """A read-only shared mapping of the whole file when it lives in memory
+        (tmpfs: its page cache is the storage, so reading it by a copy never waits
+        for a disk), else None. The mapping is guarded like guest memory: a file
+        truncated under it faults to zeros instead of killing the process."""
+        if self._map is None and not self.is_block_device and not self.direct and self.size:
+            if fs_type(self.fd) == TMPFS_MAGIC:
+                import mmap as _mmap
+
+                from vscsid.virtio.memory import guard_mapping
+
+                self._map = _mmap.mmap(self.fd, self.size, _mmap.MAP_SHARED, _mmap.PROT_READ)
+                self._map_guard = guard_mapping(self._map)
+        return self._map
+
+    @property
+    def buffered_fd(self) -> int:
+        """O_DIRECT backends: the same file opened without O_DIRECT (for unaligned I/O)."""
+        if self._buffered_fd < 0 and self.fd >= 0:
+            flags = (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_CLOEXEC
+            self._buffered_fd = os.open(f"/proc/self/fd/{self.fd}", flags)
+        return self._buffered_fd
+
+    def _aligned(self, views: Sequence[memoryview], offset: int, length: int) -> bool:
+        if (offset | length) & (self.dio_align - 1):
+            return False
+        ma = self.mem_align - 1
+        for v in views:
+            if v.nbytes & ma:
+                return False
+            if ma and _address(v) & ma:
+                return False
+        return True
+
+    def _fd_for(self, views: Sequence[memoryview], offset: int, length: int) -> int:
+        if self.direct and not self._aligned(views, offset, length):
+            return self.buffered_fd
+        return self.fd
 
     @classmethod
     def from_fd(
@@ -154,8 +248,8 @@ class FileBackend(Backend):
             self._delay()
         if not views:
             return 0
-        fd = self.fd
         want = total_length(views)
+        fd = self._fd_for(views, offset, want)
         if len(views) <= IOV_MAX:
             done = os.preadv(fd, views, offset)
             if done == want:
@@ -181,8 +275,8 @@ class FileBackend(Backend):
             return 0
         flags = self._dsync_flag if fua else 0
         sync_after = fua and not flags
-        fd = self.fd
         want = total_length(views)
+        fd = self._fd_for(views, offset, want)
         done = 0
         rest = views
         while rest:
@@ -285,6 +379,18 @@ class FileBackend(Backend):
         fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
+        bfd, self._buffered_fd = self._buffered_fd, -1
+        if bfd >= 0:
+            os.close(bfd)
+        if self._map is not None:
+            from vscsid.virtio.memory import unguard_mapping
+
+            unguard_mapping(self._map_guard)
+            try:
+                self._map.close()
+            except BufferError:
+                pass             # still pinned by an engine: released with it
+            self._map = None
 
     def __del__(self) -> None:
         try:

@@ -1,185 +1,30 @@
-"""cffi build script for ``vscsid.client._benchfast`` (out-of-line API mode).
-
-The hot loop of ``vscsid-bench``: one call of :c:func:`bq_run` drives one
-virtqueue (submit, kick, wait, reap, check, time) until its measurement window
-closes and its in-flight requests are drained. It touches no Python object, so
-cffi releases the GIL for the whole call and one OS thread per queue runs truly
-in parallel. :mod:`vscsid.client.bench` keeps a pure-Python implementation of
-the same loop (``--engine python``) as the readable reference.
-
-Shared-memory ordering (virtio 1.x, 2.7.13 / Linux ``virtio_ring.c``) uses the
-``__atomic`` builtins:
-
-* descriptors, request headers and avail ring entries are plain stores,
-  published by a release store of ``avail->idx``;
-* a sequentially consistent fence separates that store from the read of the
-  device's ``avail_event`` (or ``used->flags``) for the kick decision, and the
-  store of ``used_event`` (re-enabling notifications) from the re-read of
-  ``used->idx`` before sleeping;
-* ``used->idx`` is read with an acquire load before the used elements and the
-  response bytes.
-
-Also here: the verification pattern (:c:func:`bq_fill_block` /
-:c:func:`bq_check_block`), the log-linear latency histogram and a trivial
-in-process "loopback" device (:c:func:`bq_loopback`) that completes every
-request at once, to measure the load generator's own ceiling.
-"""
-from cffi import FFI
-
-ffibuilder = FFI()
-
-# One text for both cdef and the C source, so the layouts cannot drift apart.
-DECLS = r"""
-struct bq_slot {
-    uint8_t *hdr;           /* request header (virtio-scsi cmd req / virtio-blk outhdr) */
-    uint8_t *resp;          /* virtio-scsi cmd resp / virtio-blk status byte */
-    uint8_t *data;          /* bs bytes */
-    uint8_t *table;         /* 3-entry indirect descriptor table (indirect mode) */
-    uint64_t hdr_gpa;
-    uint64_t resp_gpa;
-    uint64_t data_gpa;
-    uint64_t table_gpa;
-    uint64_t start_ns;
-    uint64_t blk;           /* block number (bs units) of the I/O in flight */
-    uint64_t gen;           /* generation written / expected (verify) */
-    uint32_t head;          /* ring descriptor index of the chain head */
-    int32_t dir;            /* direction the descriptors are built for: -1 none, 0 read, 1 write */
-    int32_t is_write;
-    int32_t inflight;
-};
-
-struct bq {
-    /* ---- configuration, written by Python before bq_run ---- */
-    int32_t qidx;
-    int32_t format;         /* 0 virtio-scsi, 1 virtio-blk */
-    int32_t event_idx;
-    int32_t indirect;
-    uint32_t qsize;
-    uint8_t *desc;
-    uint8_t *avail;
-    uint8_t *used;
-    int32_t kick_fd;
-    int32_t call_fd;
-    uint32_t depth;
-    struct bq_slot *slots;
-    int32_t *head_to_slot;  /* qsize entries, -1 = not a chain head */
-    uint32_t *free_stack;   /* depth entries */
-    uint32_t hdr_len;
-    uint32_t resp_len;
-    uint32_t bs;
-    uint32_t lbs;           /* LBA unit: the SCSI logical block size; 512 for virtio-blk */
-    uint64_t blk_lo;        /* this queue's blocks: [blk_lo, blk_hi) in bs units */
-    uint64_t blk_hi;
-    int32_t rw;             /* 0 read, 1 write, 2 mixed */
-    int32_t random;
-    uint32_t rwmixread;     /* percent of reads when mixed */
-    int32_t once;           /* sequential: stop after one pass over [blk_lo, blk_hi) */
-    uint64_t seed;          /* verify pattern seed */
-    uint64_t rng[4];        /* xoshiro256** state (bq_seed) */
-    int32_t verify;
-    uint64_t nonce;         /* per-run high half of the generation */
-    uint32_t *gens;         /* per block: last completed generation (low half), 0 never, ~0 unknown */
-    uint8_t *busy;          /* per block: an I/O is in flight (verify) */
-    uint64_t ramp_end_ns;   /* CLOCK_MONOTONIC: measurement window [ramp_end_ns, end_ns) */
-    uint64_t end_ns;
-    uint64_t stall_ns;      /* no completion for this long with requests in flight: fatal */
-    uint64_t spin_ns;       /* poll used->idx this long before sleeping on the call eventfd */
-    int32_t *stop;          /* set by Python (Ctrl-C): stop submitting, drain */
-    /* ---- ring state, carried across calls ---- */
-    uint16_t avail_idx;
-    uint16_t kick_old;
-    uint16_t last_used;
-    uint16_t pad0;
-    uint32_t nfree;
-    uint32_t gen_next;
-    uint64_t seq_next;
-    /* ---- statistics of the measurement window ---- */
-    uint64_t ios;
-    uint64_t reads;
-    uint64_t writes;
-    uint64_t bytes;
-    uint64_t lat_sum;
-    uint64_t lat_min;
-    uint64_t lat_max;
-    uint64_t *hist;         /* BQ_HIST_N buckets */
-    /* ---- whole-call counters ---- */
-    uint64_t errors;        /* bad status/response/residual and verify failures (never windowed) */
-    uint64_t total_ios;
-    uint64_t submitted;
-    uint64_t kicks;
-    uint64_t waits;
-    uint64_t publishes;
-    uint64_t reap_batches;
-    uint64_t verify_ok;
-    uint64_t verify_unwritten;
-    uint64_t verify_errors;
-    uint64_t win_start_ns;
-    uint64_t win_end_ns;
-    uint64_t cpu_user_ns0;
-    uint64_t cpu_sys_ns0;
-    uint64_t cpu_user_ns1;
-    uint64_t cpu_sys_ns1;
-    /* ---- the first error ---- */
-    int32_t fatal;
-    int32_t err_kind;       /* 1 response, 2 status, 3 residual, 4 blk status, 5 verify */
-    uint64_t err_blk;
-    int32_t err_is_write;
-    int32_t err_status;
-    int32_t err_response;
-    int32_t err_residual;
-    int32_t err_sense_key;
-    int32_t err_asc;
-    int32_t err_ascq;
-    int32_t verr_reason;
-    uint64_t verr_sector;
-    uint64_t verr_expected;
-    uint64_t verr_found;
-    char msg[200];
-};
-
-struct bq_dev {
-    int32_t format;
-    int32_t event_idx;
-    uint32_t qsize;
-    uint8_t *desc;
-    uint8_t *avail;
-    uint8_t *used;
-    int32_t kick_fd;
-    int32_t call_fd;
-    uint64_t gpa_base;      /* one guest memory region: gpa_base .. gpa_base + mem_size */
-    uint8_t *host_base;
-    uint64_t mem_size;
-    uint64_t spin_ns;
-    int32_t *stop;
-    uint16_t last_avail;
-    uint16_t used_idx;
-    uint32_t pad0;
-    uint64_t served;
-    uint64_t calls;
-    uint64_t sleeps;
-    int32_t fatal;
-    char msg[120];
-};
-"""
-
-ffibuilder.cdef(DECLS + r"""
-#define BQ_HIST_N ...
-#define BQ_HIST_SUB_BITS ...
-#define BQ_MAGIC ...
-#define BQ_GEN_UNKNOWN ...
-void bq_seed(struct bq *q, uint64_t seed);
-void bq_reset_stats(struct bq *q);
-int bq_run(struct bq *q, int mode);
-int bq_hist_index(uint64_t v);
-void bq_fill_block(uint8_t *data, uint32_t bs, uint64_t first_sector, uint64_t seed, uint64_t gen);
-int bq_check_block(const uint8_t *data, uint32_t bs, uint64_t first_sector, uint64_t seed,
-                   uint64_t expected_gen, uint64_t *out);
-int bq_loopback(struct bq_dev *d);
-uint64_t bq_now_ns(void);
-""")
-
-SOURCE = r"""
-#define _GNU_SOURCE
+/*
+ * vscsid-bench's hot loop (vscsid.bench._loop, built by _build.py): one call of
+ * bq_run() drives one virtqueue (submit, kick, wait, reap, check, time) until
+ * its measurement window closes and its in-flight requests are drained. It
+ * touches no Python object, so cffi releases the GIL for the whole call and one
+ * OS thread per queue runs truly in parallel. vscsid/bench/loops.py keeps a
+ * pure-Python implementation of the same loop (--engine python) on top of the
+ * driver queue (driverq.py), the readable reference.
+ *
+ * Shared-memory ordering (virtio 1.x, 2.7.13 / Linux virtio_ring.c), with the
+ * shared virtio layer's fences and accesses (vscsid/virtio/fences.h):
+ *
+ *  - descriptors, request headers and avail ring entries are plain stores,
+ *    published by a release store of avail->idx (st16_rel);
+ *  - a sequentially consistent fence (vsd_mb) separates that store from the
+ *    read of the device's avail_event (or used->flags) for the kick decision,
+ *    and the store of used_event (re-enabling notifications) from the re-read
+ *    of used->idx before sleeping;
+ *  - used->idx is read with an acquire load (ld16_acq) before the used
+ *    elements and the response bytes.
+ *
+ * Also here: the verification pattern (bq_fill_block / bq_check_block), the
+ * log-linear latency histogram and the --loopback device (bq_loopback), which
+ * completes every request at once to measure the load generator's own ceiling.
+ * Constants, structures and entry points: loop.h; ring flags and sizes, the
+ * virtio-scsi framing and need_event: vscsid/virtio/virtio.h and fences.h.
+ */
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
@@ -189,18 +34,13 @@ SOURCE = r"""
 #include <unistd.h>
 #include <errno.h>
 #include <sys/resource.h>
-""" + DECLS + r"""
 
-#define BQ_HIST_SUB_BITS 6
-#define BQ_HIST_N ((64 - BQ_HIST_SUB_BITS + 1) << BQ_HIST_SUB_BITS)
-#define BQ_MAGIC 0x622d646973637376ULL          /* "vscsid-b" little endian */
-#define BQ_GEN_UNKNOWN 0xFFFFFFFFu
+#include "virtio.h"
+#include "fences.h"
+#include "loop.h"
 
-#define F_NEXT 1
-#define F_WRITE 2
-#define F_INDIRECT 4
-#define AVAIL_F_NO_INTERRUPT 1
-#define USED_F_NO_NOTIFY 1
+_Static_assert(BQ_HIST_N == ((64 - BQ_HIST_SUB_BITS + 1) << BQ_HIST_SUB_BITS), "BQ_HIST_N");
+_Static_assert(BQ_CHAIN_LEN == 3, "build_chain writes three descriptors");
 
 #if defined(__x86_64__) || defined(__i386__)
 #define CPU_RELAX() __builtin_ia32_pause()
@@ -229,32 +69,18 @@ static void thread_cpu(uint64_t *user_ns, uint64_t *sys_ns)
     *sys_ns = (uint64_t)ru.ru_stime.tv_sec * 1000000000ull + (uint64_t)ru.ru_stime.tv_usec * 1000ull;
 }
 
-static inline uint16_t ld16(const uint8_t *p) { return __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE); }
-static inline uint16_t ld16_relaxed(const uint8_t *p) { return __atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED); }
-static inline void st16(uint8_t *p, uint16_t v) { __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELAXED); }
-static inline void st16_release(uint8_t *p, uint16_t v) { __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE); }
-static inline void full_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-
-static inline uint32_t le32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
-static inline uint64_t le64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
-static inline void put_le32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
-static inline void put_le64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+/* CDB fields are big endian */
 static inline void put_be16(uint8_t *p, uint16_t v) { v = __builtin_bswap16(v); memcpy(p, &v, 2); }
 static inline void put_be32(uint8_t *p, uint32_t v) { v = __builtin_bswap32(v); memcpy(p, &v, 4); }
 static inline void put_be64(uint8_t *p, uint64_t v) { v = __builtin_bswap64(v); memcpy(p, &v, 8); }
 
-/* virtio spec / Linux: notify iff event_idx lies in [old, new) mod 2^16 */
-static inline int need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old_idx)
-{
-    return (uint16_t)(new_idx - event_idx - 1) < (uint16_t)(new_idx - old_idx);
-}
-
+/* struct virtq_desc {le64 addr; le32 len; le16 flags; le16 next} */
 static inline void put_desc(uint8_t *d, uint64_t addr, uint32_t len, uint16_t flags, uint16_t next)
 {
-    memcpy(d, &addr, 8);
-    memcpy(d + 8, &len, 4);
-    memcpy(d + 12, &flags, 2);
-    memcpy(d + 14, &next, 2);
+    st64(d, addr);
+    st32(d + 8, len);
+    st16(d + 12, flags);
+    st16(d + 14, next);
 }
 
 /* ------------------------------------------------------------------ PRNG */
@@ -305,8 +131,9 @@ int bq_hist_index(uint64_t v)
 }
 
 /* ------------------------------------------------------------------ verify pattern */
-/* Each 512-byte sector: le64 magic, le64 sector, le64 seed, le64 gen, then 60
- * words of a splitmix64 stream keyed by (seed, sector, gen). */
+/* Each BQ_SECTOR-byte sector: le64 magic, le64 sector, le64 seed, le64 gen, then
+ * 60 words of a splitmix64 stream keyed by (seed, sector, gen). */
+#define WORDS (BQ_SECTOR / 8)
 static inline uint64_t pattern_key(uint64_t sector, uint64_t seed, uint64_t gen)
 {
     return seed ^ (sector * 0x9E3779B97F4A7C15ull) ^ (gen * 0xD1B54A32D192ED03ull);
@@ -314,82 +141,87 @@ static inline uint64_t pattern_key(uint64_t sector, uint64_t seed, uint64_t gen)
 
 void bq_fill_block(uint8_t *data, uint32_t bs, uint64_t first_sector, uint64_t seed, uint64_t gen)
 {
-    for (uint32_t off = 0; off < bs; off += 512) {
-        uint64_t sector = first_sector + off / 512;
-        uint64_t w[64];
+    for (uint32_t off = 0; off < bs; off += BQ_SECTOR) {
+        uint64_t sector = first_sector + off / BQ_SECTOR;
+        uint64_t w[WORDS];
         w[0] = BQ_MAGIC;
         w[1] = sector;
         w[2] = seed;
         w[3] = gen;
         uint64_t x = pattern_key(sector, seed, gen);
-        for (int i = 4; i < 64; i++)
+        for (int i = 4; i < WORDS; i++)
             w[i] = splitmix64_next(&x);
-        memcpy(data + off, w, 512);
+        memcpy(data + off, w, BQ_SECTOR);
     }
 }
 
-/* 0: every sector carries the pattern (of expected_gen when it is non-zero);
- * 1: every sector is zero and expected_gen == 0 (never written);
- * <0: failure: -1 no header, -2 wrong sector, -3 wrong seed, -4 stale/unexpected generation,
- *     -5 payload corrupt, -6 partly written.  out[0] = failing sector, out[1] = generation found. */
+/* BQ_VERIFY_OK: every sector carries the pattern (of expected_gen when it is non-zero);
+ * BQ_VERIFY_UNWRITTEN: every sector is zero and expected_gen == 0 (never written);
+ * < 0: a BQ_VERIFY_* failure.  out[0] = failing sector, out[1] = generation found. */
 int bq_check_block(const uint8_t *data, uint32_t bs, uint64_t first_sector, uint64_t seed,
                    uint64_t expected_gen, uint64_t *out)
 {
     int zeros = 0, good = 0;
-    for (uint32_t off = 0; off < bs; off += 512) {
+    for (uint32_t off = 0; off < bs; off += BQ_SECTOR) {
         const uint8_t *p = data + off;
-        uint64_t sector = first_sector + off / 512;
+        uint64_t sector = first_sector + off / BQ_SECTOR;
         out[0] = sector;
         out[1] = 0;
-        if (le64(p) != BQ_MAGIC) {
+        if (ld64(p) != BQ_MAGIC) {
             int allzero = 1;
-            for (int i = 0; i < 512; i++)
+            for (int i = 0; i < BQ_SECTOR; i++)
                 if (p[i]) { allzero = 0; break; }
             if (allzero && expected_gen == 0) { zeros++; continue; }
-            return -1;
+            return BQ_VERIFY_NO_HEADER;
         }
-        uint64_t gen = le64(p + 24);
+        uint64_t gen = ld64(p + 24);
         out[1] = gen;
-        if (le64(p + 8) != sector) return -2;
-        if (le64(p + 16) != seed) return -3;
-        if (expected_gen && gen != expected_gen) return -4;
+        if (ld64(p + 8) != sector) return BQ_VERIFY_WRONG_SECTOR;
+        if (ld64(p + 16) != seed) return BQ_VERIFY_WRONG_SEED;
+        if (expected_gen && gen != expected_gen) return BQ_VERIFY_WRONG_GEN;
         uint64_t x = pattern_key(sector, seed, gen);
-        for (int i = 4; i < 64; i++)
-            if (le64(p + 8 * i) != splitmix64_next(&x)) return -5;
+        for (int i = 4; i < WORDS; i++)
+            if (ld64(p + 8 * i) != splitmix64_next(&x)) return BQ_VERIFY_CORRUPT;
         good++;
     }
-    if (zeros && good) { out[1] = 0; return -6; }
-    return zeros ? 1 : 0;
+    if (zeros && good) { out[1] = 0; return BQ_VERIFY_PARTLY_WRITTEN; }
+    return zeros ? BQ_VERIFY_UNWRITTEN : BQ_VERIFY_OK;
 }
 
 /* ------------------------------------------------------------------ chains */
+/* The slot's fixed chain: BQ_CHAIN_LEN descriptors from its head (ring
+ * descriptors head, head + 1, head + 2), or one INDIRECT descriptor at its head
+ * pointing at the slot's table. */
 static void build_chain(struct bq *q, struct bq_slot *s, int is_write)
 {
-    uint64_t a[3];
-    uint32_t l[3];
-    uint16_t f[3];
+    uint64_t a[BQ_CHAIN_LEN];
+    uint32_t l[BQ_CHAIN_LEN];
+    uint16_t f[BQ_CHAIN_LEN];
+    const int last = BQ_CHAIN_LEN - 1;
     a[0] = s->hdr_gpa; l[0] = q->hdr_len; f[0] = 0;
-    if (q->format == 0) {
+    if (q->format == BQ_FMT_SCSI) {
         if (is_write) {
             a[1] = s->data_gpa; l[1] = q->bs; f[1] = 0;
-            a[2] = s->resp_gpa; l[2] = q->resp_len; f[2] = F_WRITE;
+            a[2] = s->resp_gpa; l[2] = q->resp_len; f[2] = VIRTQ_DESC_F_WRITE;
         } else {
-            a[1] = s->resp_gpa; l[1] = q->resp_len; f[1] = F_WRITE;
-            a[2] = s->data_gpa; l[2] = q->bs; f[2] = F_WRITE;
+            a[1] = s->resp_gpa; l[1] = q->resp_len; f[1] = VIRTQ_DESC_F_WRITE;
+            a[2] = s->data_gpa; l[2] = q->bs; f[2] = VIRTQ_DESC_F_WRITE;
         }
     } else {
-        a[1] = s->data_gpa; l[1] = q->bs; f[1] = is_write ? 0 : F_WRITE;
-        a[2] = s->resp_gpa; l[2] = 1; f[2] = F_WRITE;
+        a[1] = s->data_gpa; l[1] = q->bs; f[1] = is_write ? 0 : VIRTQ_DESC_F_WRITE;
+        a[2] = s->resp_gpa; l[2] = VIRTIO_BLK_STATUS_SIZE; f[2] = VIRTQ_DESC_F_WRITE;
     }
     if (q->indirect) {
-        for (int i = 0; i < 3; i++)
-            put_desc(s->table + 16 * i, a[i], l[i], f[i] | (i < 2 ? F_NEXT : 0), i < 2 ? i + 1 : 0);
-        put_desc(q->desc + 16 * s->head, s->table_gpa, 48, F_INDIRECT, 0);
+        for (int i = 0; i < BQ_CHAIN_LEN; i++)
+            put_desc(s->table + VIRTQ_DESC_SIZE * i, a[i], l[i],
+                     f[i] | (i < last ? VIRTQ_DESC_F_NEXT : 0), i < last ? i + 1 : 0);
+        put_desc(q->desc + VIRTQ_DESC_SIZE * s->head, s->table_gpa, VIRTQ_DESC_SIZE * BQ_CHAIN_LEN,
+                 VIRTQ_DESC_F_INDIRECT, 0);
     } else {
         uint32_t h = s->head;
-        for (int i = 0; i < 3; i++)
-            put_desc(q->desc + 16 * (h + i), a[i], l[i], f[i] | (i < 2 ? F_NEXT : 0),
-                     i < 2 ? (uint16_t)(h + i + 1) : 0);
+        for (int i = 0; i < BQ_CHAIN_LEN; i++)
+            put_desc(q->desc + VIRTQ_DESC_SIZE * (h + i), a[i], l[i],
+                     f[i] | (i < last ? VIRTQ_DESC_F_NEXT : 0), i < last ? (uint16_t)(h + i + 1) : 0);
     }
     s->dir = is_write;
 }
@@ -407,7 +239,7 @@ static int pick(struct bq *q, struct bq_slot *s, int mode)
 {
     uint64_t blk;
     int is_write;
-    if (mode == 1) {                                   /* read back every block written */
+    if (mode == BQ_MODE_READBACK) {                    /* read back every block written */
         for (;;) {
             if (q->seq_next >= q->blk_hi) return 0;
             blk = q->seq_next++;
@@ -416,8 +248,8 @@ static int pick(struct bq *q, struct bq_slot *s, int mode)
         }
         is_write = 0;
     } else {
-        if (q->rw == 2) is_write = bounded(q->rng, 100) >= q->rwmixread;
-        else is_write = q->rw == 1;
+        if (q->rw == BQ_RW_MIXED) is_write = bounded(q->rng, 100) >= q->rwmixread;
+        else is_write = q->rw == BQ_RW_WRITE;
         uint64_t n = q->blk_hi - q->blk_lo;
         if (q->random) {
             blk = q->blk_lo + bounded(q->rng, n);
@@ -445,7 +277,7 @@ static int pick(struct bq *q, struct bq_slot *s, int mode)
         q->busy[blk] = 1;
         if (is_write) {
             s->gen = (q->nonce << 32) | (uint64_t)(++q->gen_next);
-            bq_fill_block(s->data, q->bs, blk * (q->bs / 512), q->seed, s->gen);
+            bq_fill_block(s->data, q->bs, blk * (q->bs / BQ_SECTOR), q->seed, s->gen);
         } else {
             uint32_t g = q->gens[blk];
             s->gen = (g == 0 || g == BQ_GEN_UNKNOWN) ? 0 : ((q->nonce << 32) | g);
@@ -456,8 +288,8 @@ static int pick(struct bq *q, struct bq_slot *s, int mode)
 
 static inline void prep_header(struct bq *q, struct bq_slot *s)
 {
-    if (q->format == 0) {
-        uint8_t *cdb = s->hdr + 19;
+    if (q->format == BQ_FMT_SCSI) {
+        uint8_t *cdb = s->hdr + VIRTIO_SCSI_REQ_HDR;
         uint32_t nlb = q->bs / q->lbs;
         uint64_t lba = s->blk * nlb;
         if (lba + nlb <= 0xFFFFFFFFull && nlb <= 0xFFFF) {
@@ -475,12 +307,12 @@ static inline void prep_header(struct bq *q, struct bq_slot *s)
             cdb[14] = 0;
             cdb[15] = 0;
         }
-        s->resp[10] = 0xFF;                             /* poison status and response */
-        s->resp[11] = 0xFF;
+        s->resp[VIRTIO_SCSI_RESP_OFF_STATUS] = 0xFF;    /* poison status and response */
+        s->resp[VIRTIO_SCSI_RESP_OFF_RESPONSE] = 0xFF;
     } else {
-        put_le32(s->hdr, s->is_write ? 1 : 0);          /* VIRTIO_BLK_T_OUT / _IN */
-        put_le32(s->hdr + 4, 0);
-        put_le64(s->hdr + 8, s->blk * (q->bs / 512));
+        st32(s->hdr, s->is_write ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN);
+        st32(s->hdr + 4, 0);
+        st64(s->hdr + 8, s->blk * (q->bs / VIRTIO_BLK_SECTOR_SIZE));
         s->resp[0] = 0xFF;                              /* poison the status byte */
     }
     if (s->dir != s->is_write)
@@ -494,13 +326,13 @@ static void record_error(struct bq *q, struct bq_slot *s, int kind)
     q->err_kind = kind;
     q->err_blk = s->blk;
     q->err_is_write = s->is_write;
-    if (q->format == 0) {
+    if (q->format == BQ_FMT_SCSI) {
         const uint8_t *r = s->resp;
-        q->err_status = r[10];
-        q->err_response = r[11];
-        q->err_residual = (int32_t)le32(r + 4);
-        uint32_t sl = le32(r);
-        const uint8_t *sense = r + 12;
+        q->err_status = r[VIRTIO_SCSI_RESP_OFF_STATUS];
+        q->err_response = r[VIRTIO_SCSI_RESP_OFF_RESPONSE];
+        q->err_residual = (int32_t)ld32(r + VIRTIO_SCSI_RESP_OFF_RESIDUAL);
+        uint32_t sl = ld32(r + VIRTIO_SCSI_RESP_OFF_SENSE_LEN);
+        const uint8_t *sense = r + VIRTIO_SCSI_RESP_HDR;
         if (sl >= 14 && ((sense[0] & 0x7F) == 0x70 || (sense[0] & 0x7F) == 0x71)) {
             q->err_sense_key = sense[2] & 0x0F; q->err_asc = sense[12]; q->err_ascq = sense[13];
         } else if (sl >= 4 && ((sense[0] & 0x7F) == 0x72 || (sense[0] & 0x7F) == 0x73)) {
@@ -516,13 +348,13 @@ static void record_error(struct bq *q, struct bq_slot *s, int kind)
 static inline void complete(struct bq *q, struct bq_slot *s, uint64_t t)
 {
     int bad = 0;
-    if (q->format == 0) {
+    if (q->format == BQ_FMT_SCSI) {
         const uint8_t *r = s->resp;
-        if (r[11]) bad = 1;
-        else if (r[10]) bad = 2;
-        else if (le32(r + 4)) bad = 3;
-    } else if (s->resp[0]) {
-        bad = 4;
+        if (r[VIRTIO_SCSI_RESP_OFF_RESPONSE] != VIRTIO_SCSI_S_OK) bad = BQ_ERR_RESPONSE;
+        else if (r[VIRTIO_SCSI_RESP_OFF_STATUS]) bad = BQ_ERR_STATUS;   /* not GOOD */
+        else if (ld32(r + VIRTIO_SCSI_RESP_OFF_RESIDUAL)) bad = BQ_ERR_RESIDUAL;
+    } else if (s->resp[0] != VIRTIO_BLK_S_OK) {
+        bad = BQ_ERR_BLK_STATUS;
     }
     if (bad)
         record_error(q, s, bad);
@@ -532,9 +364,9 @@ static inline void complete(struct bq *q, struct bq_slot *s, uint64_t t)
             q->gens[blk] = bad ? BQ_GEN_UNKNOWN : (uint32_t)s->gen;
         } else if (!bad) {
             uint64_t out[2];
-            int rc = bq_check_block(s->data, q->bs, blk * (q->bs / 512), q->seed, s->gen, out);
-            if (rc == 0) q->verify_ok++;
-            else if (rc == 1) q->verify_unwritten++;
+            int rc = bq_check_block(s->data, q->bs, blk * (q->bs / BQ_SECTOR), q->seed, s->gen, out);
+            if (rc == BQ_VERIFY_OK) q->verify_ok++;
+            else if (rc == BQ_VERIFY_UNWRITTEN) q->verify_unwritten++;
             else {
                 q->verify_errors++;
                 if (!q->verr_reason) {
@@ -543,7 +375,7 @@ static inline void complete(struct bq *q, struct bq_slot *s, uint64_t t)
                     q->verr_expected = s->gen;
                     q->verr_found = out[1];
                 }
-                record_error(q, s, 5);
+                record_error(q, s, BQ_ERR_VERIFY);
             }
         }
         q->busy[blk] = 0;
@@ -564,7 +396,7 @@ static inline void complete(struct bq *q, struct bq_slot *s, uint64_t t)
 /* Consume used entries. Returns the number reaped, -1 on a device protocol error. */
 static int reap(struct bq *q)
 {
-    uint16_t uidx = ld16(q->used + 2);                  /* acquire: entries after the index */
+    uint16_t uidx = ld16_acq(q->used + 2);                  /* acquire: entries after the index */
     uint16_t last = q->last_used;
     if (uidx == last)
         return 0;
@@ -580,7 +412,7 @@ static int reap(struct bq *q)
     uint32_t mask = q->qsize - 1;
     const uint8_t *ring = q->used + 4;
     for (uint16_t k = 0; k < n; k++) {
-        uint32_t id = le32(ring + 8 * ((uint16_t)(last + k) & mask));
+        uint32_t id = ld32(ring + 8 * ((uint16_t)(last + k) & mask));
         int32_t si = id < q->qsize ? q->head_to_slot[id] : -1;
         struct bq_slot *s = si >= 0 ? &q->slots[si] : NULL;
         if (UNLIKELY(!s || !s->inflight)) {
@@ -605,16 +437,16 @@ static int reap(struct bq *q)
 static void publish_and_kick(struct bq *q)
 {
     uint16_t new_idx = q->avail_idx;
-    st16_release(q->avail + 2, new_idx);
+    st16_rel(q->avail + 2, new_idx);
     q->publishes++;
-    full_fence();
+    vsd_mb();
     uint16_t old = q->kick_old;
     q->kick_old = new_idx;
     int need;
     if (q->event_idx)
-        need = need_event(ld16_relaxed(q->used + 4 + 8 * q->qsize), new_idx, old);
+        need = need_event(ld16(q->used + 4 + 8 * q->qsize), new_idx, old);
     else
-        need = !(ld16_relaxed(q->used) & USED_F_NO_NOTIFY);
+        need = !(ld16(q->used) & VIRTQ_USED_F_NO_NOTIFY);
     if (need) {
         uint64_t one = 1;
         if (write(q->kick_fd, &one, 8) != 8 && errno != EAGAIN)
@@ -628,7 +460,7 @@ static inline void cb_disable(struct bq *q)
     if (q->event_idx)
         st16(q->avail + 4 + 2 * q->qsize, (uint16_t)(q->last_used - 1));
     else
-        st16(q->avail, AVAIL_F_NO_INTERRUPT);
+        st16(q->avail, VIRTQ_AVAIL_F_NO_INTERRUPT);
 }
 
 /* Ask for a signal on the next used entry; returns 1 if entries are already there. */
@@ -638,8 +470,8 @@ static inline int cb_enable(struct bq *q)
         st16(q->avail + 4 + 2 * q->qsize, q->last_used);
     else
         st16(q->avail, 0);
-    full_fence();
-    return ld16_relaxed(q->used + 2) != q->last_used;
+    vsd_mb();
+    return ld16(q->used + 2) != q->last_used;
 }
 
 /* Wait for used entries (or timeout_ms). Returns -1 on a poll error. */
@@ -648,7 +480,7 @@ static int wait_used(struct bq *q, int timeout_ms)
     if (q->spin_ns) {
         uint64_t until = bq_now_ns() + q->spin_ns;
         do {
-            if (ld16_relaxed(q->used + 2) != q->last_used) return 0;
+            if (ld16_acq(q->used + 2) != q->last_used) return 0;
             CPU_RELAX();
         } while (bq_now_ns() < until);
     }
@@ -678,13 +510,14 @@ void bq_reset_stats(struct bq *q)
     q->cpu_user_ns0 = q->cpu_sys_ns0 = q->cpu_user_ns1 = q->cpu_sys_ns1 = 0;
 }
 
-/* mode 0: timed run (submit until end_ns, then drain); mode 1: read back and verify every block
- * this queue wrote (no time limit).  Returns 0, or -1 after a fatal error (msg set). */
+/* BQ_MODE_TIMED: timed run (submit until end_ns, then drain); BQ_MODE_READBACK: read back and
+ * verify every block this queue wrote (no time limit).  Returns 0, or -1 after a fatal error
+ * (msg set). */
 int bq_run(struct bq *q, int mode)
 {
     int submitting = 1, in_window = 0, rc = 0;
     uint64_t now = bq_now_ns(), last_progress = now;
-    if (mode == 1) {
+    if (mode == BQ_MODE_READBACK) {
         q->seq_next = q->blk_lo;
         q->ramp_end_ns = 0;
         q->end_ns = UINT64_MAX;
@@ -754,7 +587,9 @@ int bq_run(struct bq *q, int mode)
 
 /* ------------------------------------------------------------------ loopback device */
 /* Completes every request at once without touching data: status OK, used len = writable bytes.
- * Single guest memory region. */
+ * Single guest memory region. It exists to measure the bench's own ceiling (the device is never
+ * the bottleneck); it walks the chains with the shared ring definitions and trusts nothing it
+ * reads (a malformed chain stops it with a message). */
 static inline uint8_t *dev_host(struct bq_dev *d, uint64_t gpa, uint64_t len)
 {
     if (gpa < d->gpa_base || gpa - d->gpa_base > d->mem_size || len > d->mem_size - (gpa - d->gpa_base))
@@ -769,20 +604,20 @@ int bq_loopback(struct bq_dev *d)
     uint8_t *avail_event_p = d->used + 4 + 8 * d->qsize;
     uint16_t signalled = d->used_idx;
     if (!d->event_idx)
-        st16(d->used, USED_F_NO_NOTIFY);
+        st16(d->used, VIRTQ_USED_F_NO_NOTIFY);
     for (;;) {
         if (__atomic_load_n(d->stop, __ATOMIC_RELAXED))
             return 0;
-        uint16_t aidx = ld16(d->avail + 2);
+        uint16_t aidx = ld16_acq(d->avail + 2);
         if (aidx == d->last_avail) {
             uint64_t until = bq_now_ns() + d->spin_ns;
-            while (ld16(d->avail + 2) == d->last_avail && bq_now_ns() < until)
+            while (ld16_acq(d->avail + 2) == d->last_avail && bq_now_ns() < until)
                 CPU_RELAX();
-            if (ld16(d->avail + 2) != d->last_avail)
+            if (ld16_acq(d->avail + 2) != d->last_avail)
                 continue;
             if (d->event_idx) st16(avail_event_p, d->last_avail); else st16(d->used, 0);
-            full_fence();
-            if (ld16(d->avail + 2) == d->last_avail) {
+            vsd_mb();
+            if (ld16_acq(d->avail + 2) == d->last_avail) {
                 struct pollfd pfd = { .fd = d->kick_fd, .events = POLLIN };
                 d->sleeps++;
                 if (poll(&pfd, 1, 50) > 0) {
@@ -790,61 +625,60 @@ int bq_loopback(struct bq_dev *d)
                     if (read(d->kick_fd, &v, 8) < 0 && errno != EAGAIN) {}
                 }
             }
-            if (!d->event_idx) st16(d->used, USED_F_NO_NOTIFY);
+            if (!d->event_idx) st16(d->used, VIRTQ_USED_F_NO_NOTIFY);
             continue;
         }
         uint16_t n = (uint16_t)(aidx - d->last_avail);
         if (n > d->qsize) { d->fatal = 1; snprintf(d->msg, sizeof d->msg, "avail idx jumped"); return -1; }
         for (uint16_t k = 0; k < n; k++) {
-            uint16_t head = ld16_relaxed(d->avail + 4 + 2 * ((uint16_t)(d->last_avail + k) & mask));
+            uint16_t head = ld16(d->avail + 4 + 2 * ((uint16_t)(d->last_avail + k) & mask));
             if (head >= d->qsize) { d->fatal = 1; snprintf(d->msg, sizeof d->msg, "bad head"); return -1; }
             const uint8_t *tbl = d->desc;
             uint32_t limit = d->qsize, i = head, written = 0, count = 0;
             uint8_t *first_w = NULL, *last_w = NULL;
             uint32_t last_w_len = 0;
             for (;;) {
-                const uint8_t *e = tbl + 16 * i;
-                uint64_t addr = le64(e);
-                uint32_t len = le32(e + 8);
-                uint16_t flags, next;
-                memcpy(&flags, e + 12, 2);
-                memcpy(&next, e + 14, 2);
-                if (flags & F_INDIRECT) {
+                const uint8_t *e = tbl + VIRTQ_DESC_SIZE * i;
+                uint64_t addr = ld64(e);
+                uint32_t len = ld32(e + 8);
+                uint16_t flags = ld16(e + 12);
+                uint16_t next = ld16(e + 14);
+                if (flags & VIRTQ_DESC_F_INDIRECT) {
                     tbl = dev_host(d, addr, len);
-                    if (!tbl || len % 16 || !len) { d->fatal = 1; snprintf(d->msg, sizeof d->msg, "bad indirect"); return -1; }
-                    limit = len / 16; i = 0;
+                    if (!tbl || len % VIRTQ_DESC_SIZE || !len) { d->fatal = 1; snprintf(d->msg, sizeof d->msg, "bad indirect"); return -1; }
+                    limit = len / VIRTQ_DESC_SIZE; i = 0;
                     continue;
                 }
                 if (++count > limit) { d->fatal = 1; snprintf(d->msg, sizeof d->msg, "chain loop"); return -1; }
-                if (flags & F_WRITE) {
+                if (flags & VIRTQ_DESC_F_WRITE) {
                     uint8_t *h = dev_host(d, addr, len);
                     if (!h) { d->fatal = 1; snprintf(d->msg, sizeof d->msg, "bad buffer"); return -1; }
                     if (!first_w) first_w = h;
                     last_w = h; last_w_len = len;
                     written += len;
                 }
-                if (!(flags & F_NEXT)) break;
+                if (!(flags & VIRTQ_DESC_F_NEXT)) break;
                 i = next;
                 if (i >= limit) { d->fatal = 1; snprintf(d->msg, sizeof d->msg, "bad next"); return -1; }
             }
-            if (d->format == 0) {
-                if (first_w) memset(first_w, 0, 12);    /* virtio-scsi resp header: all OK */
+            if (d->format == BQ_FMT_SCSI) {
+                /* sense_len 0, residual 0, qualifier 0, GOOD, S_OK */
+                if (first_w) memset(first_w, 0, VIRTIO_SCSI_RESP_HDR);
             } else if (last_w && last_w_len) {
-                last_w[last_w_len - 1] = 0;             /* virtio-blk status: OK */
+                last_w[last_w_len - 1] = VIRTIO_BLK_S_OK;
             }
             uint8_t *ue = d->used + 4 + 8 * (d->used_idx & mask);
-            uint32_t id = head;
-            memcpy(ue, &id, 4);
-            memcpy(ue + 4, &written, 4);
+            st32(ue, head);
+            st32(ue + 4, written);
             d->used_idx++;
         }
         d->last_avail = aidx;
         d->served += n;
-        st16_release(d->used + 2, d->used_idx);
-        full_fence();
+        st16_rel(d->used + 2, d->used_idx);
+        vsd_mb();
         int need;
-        if (d->event_idx) need = need_event(ld16_relaxed(used_event_p), d->used_idx, signalled);
-        else need = !(ld16_relaxed(d->avail) & AVAIL_F_NO_INTERRUPT);
+        if (d->event_idx) need = need_event(ld16(used_event_p), d->used_idx, signalled);
+        else need = !(ld16(d->avail) & VIRTQ_AVAIL_F_NO_INTERRUPT);
         signalled = d->used_idx;
         if (need) {
             uint64_t one = 1;
@@ -853,9 +687,3 @@ int bq_loopback(struct bq_dev *d)
         }
     }
 }
-"""
-
-ffibuilder.set_source("vscsid.client._benchfast", SOURCE, extra_compile_args=["-O2"])
-
-if __name__ == "__main__":
-    ffibuilder.compile(verbose=True)

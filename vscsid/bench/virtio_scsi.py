@@ -1,14 +1,11 @@
 """Driver side of virtio-scsi (virtio 1.x, 5.6): request encoding, response parsing,
 CDB helpers and a request builder that lays requests out in guest memory.
 
-Wire formats (little endian)::
-
-    cmd req   : u8 lun[8], le64 id, u8 task_attr, u8 prio, u8 crn, u8 cdb[cdb_size]   (19 + cdb_size)
-    cmd resp  : le32 sense_len, le32 residual, le16 status_qualifier, u8 status,
-                u8 response, u8 sense[sense_size]                                  (12 + sense_size)
-    tmf req   : le32 type(0), le32 subtype, u8 lun[8], le64 id   -> resp u8 response
-    an  req   : le32 type(1|2), u8 lun[8], le32 event_requested  -> resp le32 event_actual, u8 response
-    event     : le32 event, u8 lun[8], le32 reason
+The wire structures and constants (request/response headers, TMF, AN, events,
+the config space, response codes, feature bits) are :mod:`vscsid.virtio.scsi_wire`'s,
+the one definition the device uses too; they are importable from here as well.
+What is only the driver's: encoding LUNs, building CDBs, parsing responses and
+placing requests in guest memory.
 
 LUN field: ``[1, target, 0x40 | (lun >> 8), lun & 0xff, 0, 0, 0, 0]``; the REPORT
 LUNS well-known LUN (0xC101) is encoded as ``C1 01 00 00 00 00 00 00``.
@@ -19,83 +16,40 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Sequence
 
+from vscsid.virtio.scsi_wire import (  # noqa: F401  (re-exported: the driver's vocabulary)
+    AN_REQ, AN_RESP, CONFIG, CONFIG_SIZE, EVENT, EVENT_SIZE, REQ_HDR, REQ_HDR_SIZE, RESP_HDR,
+    RESP_HDR_SIZE, RESPONSE_NAMES, TMF_REQ, TMF_RESP_SIZE, VIRTIO_SCSI_CDB_DEFAULT_SIZE,
+    VIRTIO_SCSI_EVT_ASYNC_DEVICE_BUSY, VIRTIO_SCSI_EVT_ASYNC_EXTERNAL_REQUEST,
+    VIRTIO_SCSI_EVT_ASYNC_MEDIA_CHANGE, VIRTIO_SCSI_EVT_ASYNC_MULTI_HOST,
+    VIRTIO_SCSI_EVT_ASYNC_OPERATIONAL_CHANGE, VIRTIO_SCSI_EVT_ASYNC_POWER_MGMT,
+    VIRTIO_SCSI_EVT_RESET_HARD, VIRTIO_SCSI_EVT_RESET_REMOVED, VIRTIO_SCSI_EVT_RESET_RESCAN,
+    VIRTIO_SCSI_F_CHANGE, VIRTIO_SCSI_F_HOTPLUG, VIRTIO_SCSI_F_INOUT, VIRTIO_SCSI_F_T10_PI,
+    VIRTIO_SCSI_S_ABORTED, VIRTIO_SCSI_S_ACA, VIRTIO_SCSI_S_BAD_TARGET, VIRTIO_SCSI_S_BUSY,
+    VIRTIO_SCSI_S_FAILURE, VIRTIO_SCSI_S_FUNCTION_COMPLETE, VIRTIO_SCSI_S_FUNCTION_REJECTED,
+    VIRTIO_SCSI_S_FUNCTION_SUCCEEDED, VIRTIO_SCSI_S_HEAD, VIRTIO_SCSI_S_INCORRECT_LUN,
+    VIRTIO_SCSI_S_NEXUS_FAILURE, VIRTIO_SCSI_S_OK, VIRTIO_SCSI_S_ORDERED, VIRTIO_SCSI_S_OVERRUN,
+    VIRTIO_SCSI_S_RESET, VIRTIO_SCSI_S_SIMPLE, VIRTIO_SCSI_S_TARGET_FAILURE,
+    VIRTIO_SCSI_S_TRANSPORT_FAILURE, VIRTIO_SCSI_SENSE_DEFAULT_SIZE, VIRTIO_SCSI_T_AN_QUERY,
+    VIRTIO_SCSI_T_AN_SUBSCRIBE, VIRTIO_SCSI_T_ASYNC_NOTIFY, VIRTIO_SCSI_T_EVENTS_MISSED,
+    VIRTIO_SCSI_T_NO_EVENT, VIRTIO_SCSI_T_PARAM_CHANGE, VIRTIO_SCSI_T_TMF,
+    VIRTIO_SCSI_T_TMF_ABORT_TASK, VIRTIO_SCSI_T_TMF_ABORT_TASK_SET, VIRTIO_SCSI_T_TMF_CLEAR_ACA,
+    VIRTIO_SCSI_T_TMF_CLEAR_TASK_SET, VIRTIO_SCSI_T_TMF_I_T_NEXUS_RESET,
+    VIRTIO_SCSI_T_TMF_LOGICAL_UNIT_RESET, VIRTIO_SCSI_T_TMF_QUERY_TASK,
+    VIRTIO_SCSI_T_TMF_QUERY_TASK_SET, VIRTIO_SCSI_T_TRANSPORT_RESET, WLUN_REPORT_LUNS,
+)
+
 from .driverq import DriverQueue
 from .guestmem import FrontendMemory
 
-# ----------------------------------------------------------------- constants
-VIRTIO_SCSI_CDB_DEFAULT_SIZE = 32
-VIRTIO_SCSI_SENSE_DEFAULT_SIZE = 96
-CMD_RESP_HDR_SIZE = 12
+# The driver's names for scsi_wire's sizes.
+CMD_REQ_HDR_SIZE = REQ_HDR_SIZE
+CMD_RESP_HDR_SIZE = RESP_HDR_SIZE
+TMF_REQ_SIZE = TMF_REQ.size
+AN_REQ_SIZE = AN_REQ.size
+AN_RESP_SIZE = AN_RESP.size
 
-# feature bits
-VIRTIO_SCSI_F_INOUT = 0
-VIRTIO_SCSI_F_HOTPLUG = 1
-VIRTIO_SCSI_F_CHANGE = 2
-VIRTIO_SCSI_F_T10_PI = 3
-
-# response codes
-VIRTIO_SCSI_S_OK = 0
-VIRTIO_SCSI_S_OVERRUN = 1
-VIRTIO_SCSI_S_ABORTED = 2
-VIRTIO_SCSI_S_BAD_TARGET = 3
-VIRTIO_SCSI_S_RESET = 4
-VIRTIO_SCSI_S_BUSY = 5
-VIRTIO_SCSI_S_TRANSPORT_FAILURE = 6
-VIRTIO_SCSI_S_TARGET_FAILURE = 7
-VIRTIO_SCSI_S_NEXUS_FAILURE = 8
-VIRTIO_SCSI_S_FAILURE = 9
-VIRTIO_SCSI_S_FUNCTION_SUCCEEDED = 10
-VIRTIO_SCSI_S_FUNCTION_REJECTED = 11
-VIRTIO_SCSI_S_INCORRECT_LUN = 12
-VIRTIO_SCSI_S_FUNCTION_COMPLETE = VIRTIO_SCSI_S_OK
-
-RESPONSE_NAMES = {
-    0: "OK", 1: "OVERRUN", 2: "ABORTED", 3: "BAD_TARGET", 4: "RESET", 5: "BUSY",
-    6: "TRANSPORT_FAILURE", 7: "TARGET_FAILURE", 8: "NEXUS_FAILURE", 9: "FAILURE",
-    10: "FUNCTION_SUCCEEDED", 11: "FUNCTION_REJECTED", 12: "INCORRECT_LUN",
-}
-
-# task attributes
-VIRTIO_SCSI_S_SIMPLE = 0
-VIRTIO_SCSI_S_ORDERED = 1
-VIRTIO_SCSI_S_HEAD = 2
-VIRTIO_SCSI_S_ACA = 3
-
-# control queue request types
-VIRTIO_SCSI_T_TMF = 0
-VIRTIO_SCSI_T_AN_QUERY = 1
-VIRTIO_SCSI_T_AN_SUBSCRIBE = 2
-
-# TMF subtypes
-VIRTIO_SCSI_T_TMF_ABORT_TASK = 0
-VIRTIO_SCSI_T_TMF_ABORT_TASK_SET = 1
-VIRTIO_SCSI_T_TMF_CLEAR_ACA = 2
-VIRTIO_SCSI_T_TMF_CLEAR_TASK_SET = 3
-VIRTIO_SCSI_T_TMF_I_T_NEXUS_RESET = 4
-VIRTIO_SCSI_T_TMF_LOGICAL_UNIT_RESET = 5
-VIRTIO_SCSI_T_TMF_QUERY_TASK = 6
-VIRTIO_SCSI_T_TMF_QUERY_TASK_SET = 7
-
-# asynchronous notification event classes (event_requested / event_actual bits)
-VIRTIO_SCSI_EVT_ASYNC_OPERATIONAL_CHANGE = 2
-VIRTIO_SCSI_EVT_ASYNC_POWER_MGMT = 4
-VIRTIO_SCSI_EVT_ASYNC_EXTERNAL_REQUEST = 8
-VIRTIO_SCSI_EVT_ASYNC_MEDIA_CHANGE = 16
-VIRTIO_SCSI_EVT_ASYNC_MULTI_HOST = 32
-VIRTIO_SCSI_EVT_ASYNC_DEVICE_BUSY = 64
-
-# event queue
-VIRTIO_SCSI_T_NO_EVENT = 0
-VIRTIO_SCSI_T_TRANSPORT_RESET = 1
-VIRTIO_SCSI_T_ASYNC_NOTIFY = 2
-VIRTIO_SCSI_T_PARAM_CHANGE = 3
-VIRTIO_SCSI_T_EVENTS_MISSED = 0x80000000
-VIRTIO_SCSI_EVT_RESET_HARD = 0
-VIRTIO_SCSI_EVT_RESET_RESCAN = 1
-VIRTIO_SCSI_EVT_RESET_REMOVED = 2
-EVENT_SIZE = 16
-
-# SAM status
+# SAM status (SAM-5; the SCSI target, workers/scsi, has its own table: the driver
+# does not import the data plane)
 SAM_STAT_GOOD = 0x00
 SAM_STAT_CHECK_CONDITION = 0x02
 SAM_STAT_CONDITION_MET = 0x04
@@ -105,24 +59,10 @@ SAM_STAT_TASK_SET_FULL = 0x28
 SAM_STAT_ACA_ACTIVE = 0x30
 SAM_STAT_TASK_ABORTED = 0x40
 
-WLUN_REPORT_LUNS = 0xC101
+#: how the driver sends the REPORT LUNS well-known LUN (one of the forms decode_lun accepts)
 WLUN_REPORT_LUNS_BYTES = bytes.fromhex("c101000000000000")
+#: the largest single-level LUN (flat space addressing, 14 bits)
 MAX_LUN = 16383
-
-_CMD_HDR = struct.Struct("<8sQBBB")      # 19 bytes, then the CDB
-_CMD_RESP = struct.Struct("<IIHBB")       # 12 bytes, then the sense
-_TMF_REQ = struct.Struct("<II8sQ")        # 24 bytes
-_AN_REQ = struct.Struct("<I8sI")          # 16 bytes
-_AN_RESP = struct.Struct("<IB")           # 5 bytes
-_EVENT = struct.Struct("<I8sI")           # 16 bytes
-_CONFIG = struct.Struct("<IIIIIIIHHI")    # 36 bytes
-
-CMD_REQ_HDR_SIZE = _CMD_HDR.size
-TMF_REQ_SIZE = _TMF_REQ.size
-TMF_RESP_SIZE = 1
-AN_REQ_SIZE = _AN_REQ.size
-AN_RESP_SIZE = _AN_RESP.size
-CONFIG_SIZE = _CONFIG.size
 
 
 # ---------------------------------------------------------------------- LUNs
@@ -166,24 +106,11 @@ def decode_sam_lun(entry: bytes) -> int:
 def encode_cmd_req(lun: int | bytes, id: int, cdb: bytes, *, target: int = 0,  # noqa: A002
                    task_attr: int = VIRTIO_SCSI_S_SIMPLE, prio: int = 0, crn: int = 0,
                    cdb_size: int = VIRTIO_SCSI_CDB_DEFAULT_SIZE) -> bytes:
-    """virtio_scsi_cmd_req (without T10 PI fields): 19 + cdb_size bytes."""
+    """virtio_scsi_cmd_req (without T10 PI fields): REQ_HDR_SIZE + cdb_size bytes."""
     if len(cdb) > cdb_size:
         raise ValueError(f"CDB of {len(cdb)} bytes does not fit cdb_size {cdb_size}")
-    return (_CMD_HDR.pack(lun_bytes(lun, target), id & (2**64 - 1), task_attr, prio, crn)
+    return (REQ_HDR.pack(lun_bytes(lun, target), id & (2**64 - 1), task_attr, prio, crn)
             + bytes(cdb) + bytes(cdb_size - len(cdb)))
-
-
-def pack_cmd_req_into(buf, offset: int, lun8: bytes, id: int, cdb: bytes, *,  # noqa: A002
-                      task_attr: int = 0, prio: int = 0, crn: int = 0,
-                      cdb_size: int = VIRTIO_SCSI_CDB_DEFAULT_SIZE) -> int:
-    """Fast path: write a request header straight into ``buf`` (e.g. a guest view). Returns its size."""
-    _CMD_HDR.pack_into(buf, offset, lun8, id, task_attr, prio, crn)
-    o = offset + 19
-    n = len(cdb)
-    buf[o:o + n] = cdb
-    if n < cdb_size:
-        buf[o + n:o + cdb_size] = bytes(cdb_size - n)
-    return 19 + cdb_size
 
 
 @dataclass(frozen=True)
@@ -210,22 +137,11 @@ class CmdResp:
 def parse_cmd_resp(buf, sense_size: int = VIRTIO_SCSI_SENSE_DEFAULT_SIZE) -> CmdResp:
     b = bytes(buf)
     if len(b) < CMD_RESP_HDR_SIZE:
-        raise ValueError(f"response of {len(b)} bytes is shorter than the 12-byte header")
-    sense_len, residual, squal, status, response = _CMD_RESP.unpack_from(b, 0)
+        raise ValueError(f"response of {len(b)} bytes is shorter than the {CMD_RESP_HDR_SIZE}-byte header")
+    sense_len, residual, squal, status, response = RESP_HDR.unpack_from(b, 0)
     n = min(sense_len, sense_size, len(b) - CMD_RESP_HDR_SIZE)
     return CmdResp(sense_len, residual, squal, status, response,
                    b[CMD_RESP_HDR_SIZE:CMD_RESP_HDR_SIZE + n])
-
-
-def encode_cmd_resp(*, response: int = 0, status: int = 0, residual: int = 0, sense: bytes = b"",
-                    status_qualifier: int = 0, sense_len: int | None = None,
-                    sense_size: int = VIRTIO_SCSI_SENSE_DEFAULT_SIZE) -> bytes:
-    """The device's response bytes (for fakes and reference devices in tests)."""
-    if len(sense) > sense_size:
-        raise ValueError("sense larger than sense_size")
-    return (_CMD_RESP.pack(len(sense) if sense_len is None else sense_len, residual,
-                           status_qualifier, status, response)
-            + sense + bytes(sense_size - len(sense)))
 
 
 class SenseInfo(NamedTuple):
@@ -253,7 +169,7 @@ def parse_sense(sense: bytes) -> SenseInfo | None:
 
 # ------------------------------------------------------------------- control
 def encode_tmf_req(subtype: int, lun: int | bytes = 0, id: int = 0, *, target: int = 0) -> bytes:  # noqa: A002
-    return _TMF_REQ.pack(VIRTIO_SCSI_T_TMF, subtype, lun_bytes(lun, target), id & (2**64 - 1))
+    return TMF_REQ.pack(VIRTIO_SCSI_T_TMF, subtype, lun_bytes(lun, target), id & (2**64 - 1))
 
 
 def parse_tmf_resp(buf) -> int:
@@ -265,12 +181,12 @@ def parse_tmf_resp(buf) -> int:
 def encode_an_req(type: int, lun: int | bytes = 0, event_requested: int = 0, *, target: int = 0) -> bytes:  # noqa: A002
     if type not in (VIRTIO_SCSI_T_AN_QUERY, VIRTIO_SCSI_T_AN_SUBSCRIBE):
         raise ValueError("AN request type must be VIRTIO_SCSI_T_AN_QUERY or _SUBSCRIBE")
-    return _AN_REQ.pack(type, lun_bytes(lun, target), event_requested)
+    return AN_REQ.pack(type, lun_bytes(lun, target), event_requested)
 
 
 def parse_an_resp(buf) -> tuple[int, int]:
     """(event_actual, response)."""
-    return _AN_RESP.unpack_from(bytes(buf[:AN_RESP_SIZE]), 0)
+    return AN_RESP.unpack_from(bytes(buf[:AN_RESP_SIZE]), 0)
 
 
 class Event(NamedTuple):
@@ -288,13 +204,8 @@ class Event(NamedTuple):
 
 
 def parse_event(buf) -> Event:
-    ev, lun, reason = _EVENT.unpack_from(bytes(buf[:EVENT_SIZE]), 0)
+    ev, lun, reason = EVENT.unpack_from(bytes(buf[:EVENT_SIZE]), 0)
     return Event(ev, lun, reason)
-
-
-def encode_event(event: int, lun: int | bytes = bytes(8), reason: int = 0, *, target: int = 0) -> bytes:
-    """The device's event bytes (for fakes in tests)."""
-    return _EVENT.pack(event, lun_bytes(lun, target), reason)
 
 
 class ScsiConfig(NamedTuple):
@@ -312,7 +223,7 @@ class ScsiConfig(NamedTuple):
 
 def parse_config(buf) -> ScsiConfig:
     """struct virtio_scsi_config (36 bytes)."""
-    return ScsiConfig(*_CONFIG.unpack_from(bytes(buf[:CONFIG_SIZE]), 0))
+    return ScsiConfig(*CONFIG.unpack_from(bytes(buf[:CONFIG_SIZE]), 0))
 
 
 # ---------------------------------------------------------------------- CDBs
@@ -547,7 +458,7 @@ class ScsiRequestBuilder:
     * ``gap``: bytes of poison between consecutive buffers so no two
       descriptors are contiguous in guest memory;
     * ``data_out_sg`` / ``data_in_sg``: caller-owned ``(gpa, len)`` buffers used
-      as the data descriptors as is (no copy; the load generator's path).
+      as the data descriptors as is (no copy).
     """
 
     def __init__(self, q: DriverQueue, mem: FrontendMemory, *, cdb_size: int = VIRTIO_SCSI_CDB_DEFAULT_SIZE,

@@ -1,6 +1,6 @@
 """Front-end ("guest") memory: memfd-backed regions shared with the device.
 
-This is the driver-side counterpart of :mod:`vscsid.memory`.  It plays the role
+This is the driver-side counterpart of :mod:`vscsid.virtio.memory`.  It plays the role
 QEMU plays for a vhost-user back end: it owns guest RAM as one memfd per region,
 maps it ``MAP_SHARED`` and hands the fds to the device in ``SET_MEM_TABLE``.
 
@@ -21,9 +21,10 @@ Addresses
 Allocation
 ----------
 ``alloc``/``free`` is a first-fit allocator over per-region free extents with
-coalescing (good for tests: any size, any power-of-two alignment).  For the
-load generator, :class:`SlabPool` hands out fixed-size buffers in O(1) and
-:class:`BumpArena` carves buffers sequentially and is reset wholesale.
+coalescing (good for tests: any size, any power-of-two alignment).
+:class:`SlabPool` hands out fixed-size buffers in O(1) and :class:`BumpArena`
+carves buffers sequentially and is reset wholesale (vscsid-bench itself lays its
+slots out once, with ``alloc``).
 """
 from __future__ import annotations
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import errno
 import itertools
 import mmap
 import os
@@ -164,7 +163,7 @@ class Worker:
         self.net_fds: dict[int, Any] = {}      # fd registered in epoll -> its backend
         self.net_pending: set[Pending] = set()  # I/O out in an asynchronous backend
         self.hung: list[Pending] = []          # injected commands that never complete
-        self.tmfs: list[list] = []             # [msg, response, {Pending}] awaiting completions
+        self.tmfs: list[list] = []             # [TaskMgmt msg, {Pending} it waits for]
         self._net_dirty: set = set()
         self.ticker = Timers()                 # tick of the network backends
         self.epoll.register(self.ticker.fd, select.EPOLLIN)

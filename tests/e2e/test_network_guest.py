@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import time
-from pathlib import Path
 
 import pytest
 

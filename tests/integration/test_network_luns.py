@@ -399,6 +399,22 @@ def test_rbd_lun_data_snapshot_and_capabilities(ceph_cluster, rbd_image, daemon,
     assert g2.command(vs.read16(1024, 256), data_in_len=128 * 1024).data_in == datas[1]
 
 
+def test_rbd_lun_on_two_queues(ceph_cluster, rbd_image, daemon, guests):
+    """Two workers, two librados clients on one image: writes on either queue are seen by
+    the other (the exclusive lock moves between them), and the supervisor warns that this
+    is slow."""
+    name = rbd_image("16M")
+    d = daemon("--lun", f"rbd:{ceph_cluster.pool}/{name},conf={ceph_cluster.conf},id=vscsid",
+               "--num-queues", "2")
+    g = guests(d, queues=2)
+    for i, (wq, rq) in enumerate(((2, 3), (3, 2), (2, 3))):
+        data = os.urandom(8192)
+        assert g.command(vs.write10(16 * i, 16), queue=wq, data_out=data, timeout=60).response.ok
+        assert g.command(vs.read10(16 * i, 16), queue=rq, data_in_len=8192, timeout=60).data_in == data
+    w = d.wait_for_log("rbd_exclusive_lock_with_several_queues")
+    assert w["queues"] == 2
+
+
 # ------------------------------------------------------------------ fault injection
 
 def _lun_for(kind: str, tmp_path, nbd_server, request) -> str:

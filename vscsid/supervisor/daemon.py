@@ -84,7 +84,7 @@ class Supervisor:
         rep = await w.request(msg, timeout=60)
         if not rep.ok:
             raise RuntimeError(f"worker {w.queue} failed to configure: {rep.error}")
-        self.luns.learn(rep.result(M.Configure), w.queue)
+        self.luns.learn(rep.result(M.Configure), w.queue, self.cfg.num_queues)
         w.life.configured(self.ops.monotonic())
 
     async def set_injections(self, lun: int, text: str) -> str:

@@ -61,7 +61,7 @@ class LunTable:
         return M.Configure(luns=entries, lun_fds=[fd if fd >= 0 else None for fd in self.fds],
                            state_page=self.state_fd, **settings)
 
-    def learn(self, result: M.ConfigureResult, queue: int) -> None:
+    def learn(self, result: M.ConfigureResult, queue: int, queues: int = 1) -> None:
         """A worker's report of its network LUNs: the first one is kept; a later one
         that differs in size is logged (the guest keeps the first)."""
         log = vlog.get()
@@ -78,6 +78,13 @@ class LunTable:
                 log.info("network_lun_identity", lun=i, spec=self.specs[i].path, bytes=size,
                          readonly=info.get("readonly"), write_cache=info.get("volatile_cache"),
                          fua=info.get("fua"), discard=info.get("discard"), queue=queue)
+                facts = rep.get("facts") or {}
+                if queues > 1 and facts.get("exclusive_lock") and not info.get("readonly"):
+                    log.warning("rbd_exclusive_lock_with_several_queues", lun=i,
+                                spec=self.specs[i].path, queues=queues,
+                                reason="each queue's librados client takes the image's exclusive "
+                                       "lock in turn for writes: correct but slow; use an image "
+                                       "without exclusive-lock, or one queue")
             elif size != self.sizes[i]:
                 log.warning("network_lun_size_differs", lun=i, spec=self.specs[i].path,
                             bytes=size, known=self.sizes[i], queue=queue)

@@ -328,6 +328,31 @@ def test_nbd_outage_past_hold_fails_with_not_ready_then_recovers(nbd_server, dae
     assert d.events("nbd_requests_expired")
 
 
+def test_worker_replaced_while_the_server_is_down(nbd_server, daemon, guests, tmp_path):
+    """A worker that dies while its NBD server is away is replaced, and the replacement
+    comes up with the LUN's known identity instead of failing to connect; the request that
+    was held when the worker died is resubmitted and completes once the server is back."""
+    import signal
+
+    img = make_image(tmp_path / "d.img", 16 * MiB, data=b"r" * 4096)
+    srv = nbd_server("qemu-nbd", img, unix=True)
+    d = daemon("--lun", srv.uri)
+    g = guests(d)
+    assert g.command(vs.read10(0, 8), data_in_len=4096).response.ok
+    srv.kill()
+    h = submit(g, vs.read10(0, 8), data_in_len=4096)
+    time.sleep(0.5)
+    os.kill(d.worker_pids()[0], signal.SIGKILL)
+    d.wait_for_log("worker_configured", count=2, timeout=20)
+    assert not h.done
+    srv.start()
+    wait_all(g, [h], timeout=20)
+    assert h.response.ok and h.data_in == b"r" * 4096
+    assert d.wait_for_log("inflight_recovered")["resubmit"] == 1
+    starts = [r for r in d.events("nbd_connection_lost") if r.get("reason") == "connect failed at start-up"]
+    assert starts, d.events("nbd_connection_lost")
+
+
 def test_nbd_server_not_answering_is_reconnected(nbd_server, daemon, guests, tmp_path):
     """A server that stops answering on a live connection (SIGSTOP) is treated like one
     that went away: after hold= seconds the connection is dropped (libnbd lets go of the

@@ -43,7 +43,10 @@ def summary(res: dict) -> str:
     if "daemon_cpu_seconds" in res:
         per = res["daemon_cpu_us_per_io"]
         lines.append(f"  daemon cpu: {res['daemon_cpu_seconds']:.2f}s"
-                     + (f", {per:.2f} us/io" if per else ""))
+                     + (f", {per:.2f} us/io" if per else "")
+                     + f" ({res.get('daemon_cpu_source', 'pids')})")
+    if res.get("flushes"):
+        lines.append(f"  flushes: {res['flushes']} (mean {_fmt_ns(res['flush_lat_mean_ns'])})")
     if "other_cpu_seconds" in res:
         lines.append(f"  machine: {res['system_busy_cpu_seconds']:.2f} CPU-s busy in the window, "
                      f"{res['other_cpu_seconds']:.2f} CPU-s of it neither bench nor daemon"
@@ -99,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--daemon-pid", type=int, action="append", default=[], metavar="PID",
                    help="also report the CPU time of PID and its descendants during the window "
                         "(repeatable)")
+    p.add_argument("--daemon-cgroup", metavar="DIR",
+                   help="a cgroup v1 cpuacct directory the daemon runs in: its CPU during the "
+                        "window from cpuacct.usage (counts every process of the daemon, also "
+                        "workers that exited)")
+    p.add_argument("--flush-every", type=int, default=0, metavar="N",
+                   help="issue a cache flush (SYNCHRONIZE CACHE / VIRTIO_BLK_T_FLUSH) after every "
+                        "N writes, per queue (default 0: never)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     return p
 
@@ -116,7 +126,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                        event_idx=not args.no_event_idx, verify=args.verify, seed=args.seed,
                        once=args.once, engine=args.engine, spin_us=args.spin_us,
                        stall_timeout=args.stall_timeout, loopback=args.loopback,
-                       daemon_pids=list(args.daemon_pid))
+                       daemon_pids=list(args.daemon_pid), daemon_cgroup=args.daemon_cgroup,
+                       flush_every=args.flush_every)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -246,3 +246,50 @@ def test_daemon_cpu_from_a_cgroup(start_daemon, tmp_path):
                 except OSError:
                     pass
         os.rmdir(cg)
+
+
+def test_report_and_compare(start_daemon, tmp_path):
+    import base64
+    import re
+    d = start_daemon("--lun", "null:1G", "--num-queues", "2")
+    runs = {}
+    for name, qd, queues in (("qd1", "1", "1"), ("qd16", "16", "2")):
+        out = tmp_path / name
+        res = run_bench("--socket-path", d.socket_path, "--rw", "randread", "--iodepth", qd,
+                        "--queues", queues, "--seconds", "0.6", "--ramp", "0.1",
+                        "--daemon-pid", str(d.proc.pid), "--report", str(out))
+        assert_sane(res)
+        assert res["report"] == str(out / "index.html")
+        saved = json.loads((out / "result.json").read_text())
+        assert saved["ios"] == res["ios"] and saved["lat_hist"] == res["lat_hist"]
+        # the histogram in the result holds every timed request
+        assert sum(c for _, _, c in res["lat_hist"]) == res["ios"]
+        page = (out / "index.html").read_text()
+        embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+        assert len(embedded) == 3      # the page is self-contained
+        for name_png, b64 in zip(("latency.png", "iops.png", "cpu.png"), embedded):
+            data = base64.b64decode(b64)
+            assert data[:8] == b"\x89PNG\r\n\x1a\n" and data == (out / name_png).read_bytes()
+        assert f"{res['iops']:,.0f}" in page
+        runs[name] = out / "result.json"
+
+    p = subprocess.run([sys.executable, "-m", "vscsid.bench", "--compare", str(runs["qd1"]),
+                        str(runs["qd16"]), "--json"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    cmp = json.loads(p.stdout)
+    assert cmp["compare"] == ["qd1", "qd16"]
+    a, b = (json.loads(runs[k].read_text()) for k in ("qd1", "qd16"))
+    iops = next(r for r in cmp["rows"] if r["metric"] == "IOPS")
+    assert iops["a"] == a["iops"] and iops["b"] == b["iops"]
+    assert iops["change_pct"] == pytest.approx(100 * (b["iops"] - a["iops"]) / a["iops"])
+    p = subprocess.run([sys.executable, "-m", "vscsid.bench", "--compare", str(runs["qd1"]),
+                        str(runs["qd16"]), "--report", str(tmp_path / "cmp")],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "settings that differ: iodepth 1 vs 16, queues 1 vs 2" in p.stdout
+    assert (tmp_path / "cmp" / "index.html").read_text().count("data:image/png;base64,") == 3
+    # not a result: a usage error, nothing written
+    (tmp_path / "junk.json").write_text('{"hello": 1}')
+    p = subprocess.run([sys.executable, "-m", "vscsid.bench", "--compare", str(runs["qd1"]),
+                        str(tmp_path / "junk.json")], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "not a vscsid-bench result" in p.stderr

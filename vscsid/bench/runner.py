@@ -27,7 +27,8 @@ from .guestmem import FrontendMemory
 from .loops import MODE_READBACK, MODE_TIMED, QueueSetup
 from .pattern import GEN_UNKNOWN, VERIFY_REASONS
 from .stats import (
-    HIST_N, cgroup_cpu_seconds, percentile, system_busy_seconds, thread_cpu_ns, tree_cpu_seconds,
+    HIST_N, cgroup_cpu_seconds, hist_bounds, percentile, system_busy_seconds, thread_cpu_ns,
+    tree_cpu_seconds,
 )
 
 __all__ = ["Bench", "run"]
@@ -401,6 +402,8 @@ class Bench:
                 samples["cgroup_1"] = cgroup_cpu_seconds(cfg.daemon_cgroup)
 
         timeline: list[list[int]] = [[] for _ in loops]
+        # the daemon's CPU per step too when it is one file read (a cgroup), not a /proc scan
+        daemon_steps: list[float] = []
 
         def main_sample(threads) -> None:
             sleep_until(ramp_end, threads)
@@ -410,6 +413,7 @@ class Bench:
             step = int(cfg.timeline_interval * 1e9)
             t = ramp_end
             last = [0] * len(loops)
+            last_cpu = samples.get("cgroup_0")
             while t < end and any(th.is_alive() for th in threads):
                 t = min(end, t + step)
                 sleep_until(t, threads)
@@ -417,6 +421,10 @@ class Bench:
                 for k, n in enumerate(now):
                     timeline[k].append(n - last[k])
                 last = now
+                if last_cpu is not None:
+                    c = cgroup_cpu_seconds(cfg.daemon_cgroup)
+                    daemon_steps.append(c - last_cpu)
+                    last_cpu = c
             sample("1")
 
         try:
@@ -438,6 +446,8 @@ class Bench:
                     t.join(2)
         res = self._results(timed, samples)
         res["timeline"] = {"interval_s": cfg.timeline_interval, "per_queue_ios": timeline}
+        if daemon_steps:
+            res["timeline"]["daemon_cpu_seconds"] = daemon_steps
         if cfg.verify:
             v = res["verify"] = {
                 "seed": cfg.seed, "nonce": nonce,
@@ -532,6 +542,8 @@ class Bench:
             "lat_ns": {"min": lat_min, "mean": lat_sum / ios if ios else 0.0,
                        "p50": pct[50], "p90": pct[90], "p99": pct[99], "p99.9": pct[99.9],
                        "max": lat_max},
+            # the latency histogram's non-empty buckets: [low ns, high ns, count]
+            "lat_hist": [[*hist_bounds(i), c] for i, c in enumerate(hist) if c],
             "errors": sum(s["errors"] for s in stats),
             "first_error": None,
             "fatal": next((s["msg"] for s in stats if s["fatal"]), None),

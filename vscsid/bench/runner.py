@@ -568,19 +568,13 @@ class Bench:
         if "self_0" in samples and "self_1" in samples:
             a, b = samples["self_0"], samples["self_1"]
             res["process_cpu_seconds"] = (b.ru_utime - a.ru_utime) + (b.ru_stime - a.ru_stime)
-        if cfg.daemon_pids and "daemon_0" in samples and "daemon_1" in samples:
-            d = samples["daemon_1"] - samples["daemon_0"]
-            res["daemon_cpu_seconds"] = d
-            res["daemon_cpu_us_per_io"] = d * 1e6 / ios if ios else None
-            res["daemon_pids"] = cfg.daemon_pids
-            res["daemon_cpu_source"] = "pids"
-        if cfg.daemon_cgroup and "cgroup_0" in samples and "cgroup_1" in samples:
-            # The cgroup counts every process the daemon ran, exited workers included.
-            d = samples["cgroup_1"] - samples["cgroup_0"]
-            res["daemon_cpu_seconds"] = d
-            res["daemon_cpu_us_per_io"] = d * 1e6 / ios if ios else None
-            res["daemon_cgroup"] = cfg.daemon_cgroup
-            res["daemon_cpu_source"] = "cgroup"
+        # The cgroup (when given) counts every process the daemon ran, exited workers included.
+        for source, key, extra in (("pids", "daemon", {"daemon_pids": cfg.daemon_pids}),
+                                   ("cgroup", "cgroup", {"daemon_cgroup": cfg.daemon_cgroup})):
+            if f"{key}_0" in samples and f"{key}_1" in samples:
+                d = samples[f"{key}_1"] - samples[f"{key}_0"]
+                res.update(extra, daemon_cpu_seconds=d, daemon_cpu_source=source,
+                           daemon_cpu_us_per_io=d * 1e6 / ios if ios else None)
         if "sys_0" in samples and "sys_1" in samples:
             # Everything else the machine ran meanwhile (other processes, interrupts): a noisy
             # neighbour shows up here. Tick-based (1/CLK_TCK s) like the daemon's figure.

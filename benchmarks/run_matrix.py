@@ -4,22 +4,30 @@
 vscsid (virtio-scsi; null LUN and a file LUN on tmpfs) against
 qemu-storage-daemon (virtio-blk; the same 256 MiB tmpfs file with aio=threads,
 aio=io_uring and aio=native,cache.direct=on where that works, plus its null-co
-driver), 4 KiB randread/randwrite at iodepth 1 and 32 on 1 and 2 queues, all
-driven by ``vscsid-bench``. Reports IOPS, p50/p99 latency, the daemon's CPU
-per request (utime+stime of the daemon and all its descendants from
-/proc/<pid>/stat, sampled by the bench at the edges of its measurement window),
-and the bench's own CPU per request; then QD1 vs QD32 on a vscsid LUN with
-``delay_us=200``; then network storage: an NBD export of the same tmpfs file by
-qemu-nbd (Unix socket) and an RBD image on a single-node Ceph cluster started for
-the run (tests/support/ceph_cluster.sh, in the work directory), each served by
-vscsid (``--lun nbd+unix://...``, ``--lun rbd:...``) and by qemu-storage-daemon's own
-``nbd`` and ``rbd`` block drivers on the same server; then the bench's own ceiling
-against its in-process loopback device.
+driver), 4 KiB randread/randwrite at iodepth 1 and 32 on 1 and 2 queues; then the
+real-disk rows: a file on the host's disk larger than the run can cache (the page
+cache dropped before every run), vscsid at its defaults and with cache=none against
+qemu-storage-daemon at its defaults and with aio=native,cache.direct=on, 4 KiB
+randread, randwrite and a mix with a flush every 8 writes, at iodepth 1 and 32;
+then network storage: an NBD export of the tmpfs file by qemu-nbd (Unix socket)
+and an RBD image on a single-node Ceph cluster started for the run
+(tests/support/ceph_cluster.sh, in the work directory), each served by vscsid
+(``--lun nbd+unix://...``, ``--lun rbd:...``) and by qemu-storage-daemon's own
+``nbd`` and ``rbd`` block drivers on the same server; then QD1 vs QD32 on a vscsid
+LUN with ``delay_us=200``; then the bench's own ceiling against its in-process
+loopback device. Everything is driven by ``vscsid-bench``.
+
+Reports IOPS, p50/p99 latency, the daemon's CPU per request and the bench's own.
+The daemon's CPU is counted for its whole process tree over the measurement
+window only: each daemon runs in a cgroup v1 cpuacct group of its own (the
+bench reads cpuacct.usage at the edges of its window: workers that exit are
+counted too); without cgroup v1 (or not root) from /proc/<pid>/stat of the
+daemon and its descendants.
 
 Usage::
 
-    python benchmarks/run_matrix.py [--seconds 4] [--ramp 1] [--json-out results.json]
-                                    [--only vscsid-null,qsd-io_uring] [--quick]
+    python benchmarks/run_matrix.py [--seconds 4] [--ramp 1] [--repeat 3] [--json-out results.json]
+                                    [--only vscsid-null,qsd-io_uring] [--no-disk] [--quick]
 
 The network rows are vscsid-nbd, qsd-nbd, vscsid-rbd and qsd-rbd (``--only`` selects
 them like the others; ``--no-network`` skips them). They need qemu-nbd, the Ceph
@@ -27,7 +35,9 @@ packages and qemu-block-extra (qemu-storage-daemon's rbd driver); a missing one 
 reported and its rows skipped.
 
 The daemons are started and stopped by the script (temporary directory under
-/dev/shm for sockets and images). See benchmarks/README.md.
+/dev/shm for sockets and tmpfs images; the disk image in --disk-dir, kept for the
+next run). With --json-out, a PNG plot of the matrix is written next to it. See
+benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -47,6 +57,7 @@ from pathlib import Path
 IMAGE_SIZE = 256 << 20
 REPO = Path(__file__).resolve().parent.parent
 NETWORK_ROWS = ("vscsid-nbd", "qsd-nbd", "vscsid-rbd", "qsd-rbd")
+CGROUP_ROOT = Path("/sys/fs/cgroup/cpuacct")
 
 
 # ----------------------------------------------------------------------------- machine
@@ -94,6 +105,8 @@ class Backend:
     log_path: str = ""
     status: str = "not started"
     extra: dict = field(default_factory=dict)
+    cgroup: str | None = None       # the daemon's cpuacct group
+    disk: bool = False              # on the host's disk: drop the page cache before each run
 
 
 def vscsid_backend(name: str, lun: str, workdir: Path, queues: int = 2, note: str = "") -> Backend:
@@ -143,11 +156,56 @@ def _pin(cpus):
     return lambda: os.sched_setaffinity(0, cpus)
 
 
+def _cgroup_for(name: str) -> str | None:
+    """A fresh cgroup v1 cpuacct group for one daemon, or None (no cgroup v1, not root)."""
+    if not (CGROUP_ROOT / "cgroup.procs").exists() or os.geteuid() != 0:
+        return None
+    path = CGROUP_ROOT / "vscsid-matrix" / name
+    try:
+        if path.exists():
+            path.rmdir()
+        path.mkdir(parents=True)
+    except OSError:
+        return None
+    return str(path)
+
+
+def _drop_cgroup(path: str | None) -> None:
+    if path:
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
+
+
+def _daemon_preexec(cgroup: str | None):
+    pin = _pin(PLACEMENT["daemon"])
+
+    def run():
+        if cgroup:           # before exec: every process the daemon starts stays in it
+            with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+        if pin:
+            pin()
+    return run
+
+
+def drop_caches() -> None:
+    """Write back and drop the page cache (root): a disk run starts cold."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        pass
+
+
 def start(b: Backend, workdir: Path, timeout: float = 30.0) -> bool:
     b.log_path = str(workdir / f"{b.name}.log")
     log = open(b.log_path, "wb")
+    b.cgroup = _cgroup_for(b.name)
     b.proc = subprocess.Popen(b.args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                              preexec_fn=_pin(PLACEMENT["daemon"]))
+                              preexec_fn=_daemon_preexec(b.cgroup))
     log.close()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -169,14 +227,19 @@ def start(b: Backend, workdir: Path, timeout: float = 30.0) -> bool:
 
 def stop(b: Backend) -> None:
     p = b.proc
-    if p is None or p.poll() is not None:
-        return
-    p.send_signal(signal.SIGTERM)
-    try:
-        p.wait(20)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
+    if p is not None and p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    if b.cgroup:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and Path(b.cgroup, "cgroup.procs").read_text().strip():
+            time.sleep(0.05)
+        _drop_cgroup(b.cgroup)
+        b.cgroup = None
 
 
 def _lines(path: str) -> list[str]:
@@ -219,7 +282,22 @@ MAX_OTHER = None       # re-run when other processes used more than this share o
 RETRIES = 2
 
 
+REPEAT = 1
+
+
 def bench(b: Backend | None, **kw) -> dict:
+    """One measurement: the median of REPEAT runs (by IOPS), each a noisy-neighbour-checked one."""
+    runs = [_bench_quiet(b, **kw) for _ in range(REPEAT)]
+    good = [r for r in runs if not r.get("fatal")] or runs
+    good.sort(key=lambda r: r.get("iops") or 0)
+    res = dict(good[len(good) // 2])
+    if REPEAT > 1:
+        res["repeats"] = [{"iops": r.get("iops"), "daemon_cpu_us_per_io": r.get("daemon_cpu_us_per_io")}
+                          for r in runs]
+    return res
+
+
+def _bench_quiet(b: Backend | None, **kw) -> dict:
     """One measurement; with --max-other, repeated (up to RETRIES times) while the machine was
     noisy, keeping the quietest attempt."""
     best = None
@@ -235,17 +313,23 @@ def bench(b: Backend | None, **kw) -> dict:
 
 
 def _bench_once(b: Backend | None, *, rw: str, iodepth: int, queues: int, seconds: float, ramp: float,
-                bs: str = "4k", fmt: str | None = None, extra: list[str] = ()) -> dict:
+                bs: str = "4k", fmt: str | None = None, extra: list[str] = (),
+                flush_every: int = 0) -> dict:
     load_before = wait_quiet(WAIT_QUIET) if WAIT_QUIET else None
+    if b is not None and b.disk:
+        drop_caches()
     cmd = [sys.executable, "-m", "vscsid.bench", "--json", "--rw", rw, "--bs", bs,
            "--iodepth", str(iodepth), "--queues", str(queues), "--seconds", str(seconds),
            "--ramp", str(ramp), *extra]
+    if flush_every:
+        cmd += ["--flush-every", str(flush_every)]
     if b is None:
         # the loopback device runs in the bench process: leave it all CPUs
         cmd += ["--loopback", "--format", fmt or "scsi"]
         pin = None
     else:
-        cmd += ["--socket-path", b.socket_path, "--format", b.fmt, "--daemon-pid", str(b.proc.pid)]
+        cmd += ["--socket-path", b.socket_path, "--format", b.fmt]
+        cmd += (["--daemon-cgroup", b.cgroup] if b.cgroup else ["--daemon-pid", str(b.proc.pid)])
         pin = _pin(PLACEMENT["bench"])
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + ramp + 120,
                        preexec_fn=pin)
@@ -419,6 +503,14 @@ def main(argv: list[str] | None = None) -> int:
                          "than this many CPUs, keeping the quietest attempt (e.g. 0.1)")
     ap.add_argument("--no-network", action="store_true",
                     help="skip the NBD and RBD rows (no qemu-nbd, no Ceph cluster)")
+    ap.add_argument("--repeat", type=int, default=1, metavar="N",
+                    help="run every measurement N times and report the median (by IOPS)")
+    ap.add_argument("--disk-dir", default=os.environ.get("VSCSID_DISK_DIR", "/var/tmp"),
+                    help="a directory on the host's disk for the real-disk rows (default /var/tmp)")
+    ap.add_argument("--disk-size", default="8G",
+                    help="size of the real-disk image (default 8G: more than a run can cache)")
+    ap.add_argument("--no-disk", action="store_true", help="skip the real-disk rows")
+    ap.add_argument("--plot", help="PNG plot of the matrix (default: next to --json-out)")
     ap.add_argument("--placement", choices=("split", "none"), default="split",
                     help="split (default): bench on the first CPU, daemon on the others; "
                          "none: unpinned (QD1 results then depend on where the scheduler puts "
@@ -436,16 +528,20 @@ def main(argv: list[str] | None = None) -> int:
     img = base / "disk.img"
     info = machine_info()
     info["placement"] = set_placement(args.placement)
-    global WAIT_QUIET, MAX_OTHER
+    global WAIT_QUIET, MAX_OTHER, REPEAT
     WAIT_QUIET = args.wait_quiet
     MAX_OTHER = args.max_other
+    REPEAT = max(1, args.repeat)
+    info["cpu_accounting"] = ("cgroup v1 cpuacct" if (CGROUP_ROOT / "cgroup.procs").exists()
+                              and os.geteuid() == 0 else "/proc/<pid>/stat of the daemon tree")
     info["background_load_at_start_cpus"] = round(background_load(2.0), 2)
     print("# vhost-user storage benchmark matrix\n")
     for k, v in info.items():
         print(f"- {k}: {v}")
     out: dict = {"machine": info, "settings": {"seconds": args.seconds, "ramp": args.ramp, "bs": "4k",
                                                "image": str(img), "image_size": IMAGE_SIZE},
-                 "backends": {}, "matrix": [], "delay": [], "network": [], "loopback": []}
+                 "backends": {}, "matrix": [], "disk": [], "delay": [], "network": [],
+                 "loopback": []}
 
     have_qsd = shutil.which("qemu-storage-daemon") is not None
     backends = [
@@ -482,6 +578,10 @@ def main(argv: list[str] | None = None) -> int:
         # Network storage: vscsid and qemu-storage-daemon on the same NBD and RBD servers
         if not args.no_network and (not only or only & set(NETWORK_ROWS)):
             run_network(base, img, workloads, args, out, only)
+
+        # The real-disk rows: a cold file on the host's disk, at the defaults of each side
+        if not args.no_disk and (not only or any(n.endswith("-disk") or "-disk-" in n for n in only)):
+            run_disk_rows(args, base, only, out)
 
         # QD1 vs QD32 with an injected 200 us per I/O
         if not only or "vscsid-delay" in only:
@@ -526,6 +626,9 @@ def main(argv: list[str] | None = None) -> int:
           + (f"bench on CPU {pl['bench_cpus']}, daemon on CPU {pl['daemon_cpus']})" if pl["mode"] == "split"
              else "bench and daemon unpinned)"))
     print_table(out["matrix"], "matrix")
+    if out["disk"]:
+        print_table(out["disk"], f"real disk: {out['settings'].get('disk_image')} "
+                                 "(page cache dropped before every run; 1 queue)")
     if out["delay"]:
         print_table(out["delay"], "vscsid null LUN with delay_us=200: QD1 vs QD32 (1 queue)")
     if out["network"]:
@@ -541,7 +644,116 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(out, indent=1))
         print(f"\nJSON written to {args.json_out}")
+    plot = args.plot or (str(Path(args.json_out).with_suffix(".png")) if args.json_out else None)
+    if plot:
+        try:
+            plot_matrix(out, plot)
+            print(f"plot written to {plot}")
+        except ImportError:
+            print("no plot: matplotlib is not installed (pip install matplotlib)")
     return 0
+
+
+DISK_WORKLOADS = [("randread", 0), ("randwrite", 0), ("randrw", 8)]   # (rw, flush every N writes)
+
+
+def disk_image(args) -> Path:
+    """An image on the host's disk filled with data, made once and kept (its size: more
+    than one run can bring into the page cache)."""
+    from vscsid.config import parse_size
+
+    size = parse_size(args.disk_size)
+    path = Path(args.disk_dir) / f"vscsid-matrix-{size >> 30}g.img"
+    if not path.exists() or path.stat().st_size != size:
+        print(f"\nfilling {path} ({size >> 30} GiB of random data, once) ...", flush=True)
+        tmp = path.with_suffix(".tmp")
+        chunk = os.urandom(1 << 20)
+        with open(tmp, "wb") as f:
+            for i in range(size >> 20):
+                f.write(chunk[i % 4096:] + chunk[:i % 4096])
+        os.replace(tmp, path)
+    return path
+
+
+def run_disk_rows(args, base: Path, only, out: dict) -> None:
+    img = disk_image(args)
+    out["settings"]["disk_image"] = str(img)
+    out["settings"]["disk_image_size"] = img.stat().st_size
+    backends = [
+        vscsid_backend("vscsid-disk", str(img), base, queues=1, note="host disk, defaults"),
+        vscsid_backend("vscsid-disk-none", f"{img},cache=none", base, queues=1,
+                       note="host disk, cache=none (O_DIRECT)"),
+    ]
+    if shutil.which("qemu-storage-daemon"):
+        backends += [
+            qsd_backend("qsd-disk", f"driver=file,node-name=disk,filename={img}", base, queues=1,
+                        note="host disk, defaults (aio=threads, buffered)"),
+            qsd_backend("qsd-disk-native", f"driver=file,node-name=disk,filename={img},aio=native,"
+                                           "cache.direct=on", base, queues=1,
+                        note="host disk, aio=native, O_DIRECT"),
+        ]
+    if only:
+        backends = [b for b in backends if b.name in only] or backends
+    for b in backends:
+        b.disk = True
+        ok = start(b, base)
+        out["backends"][b.name] = {"cmd": b.args, "note": b.note, "status": b.status}
+        print(f"\n### {b.name}: {b.note}: {b.status}", flush=True)
+        if not ok:
+            continue
+        try:
+            for rw, flush in DISK_WORKLOADS:
+                for qd in (1, 32):
+                    res = bench(b, rw=rw, iodepth=qd, queues=1, seconds=args.seconds,
+                                ramp=args.ramp, flush_every=flush)
+                    label = rw + (f"+flush/{flush}" if flush else "")
+                    r = row(b.name, res, rw=label, qd=qd, queues=1)
+                    out["disk"].append(r)
+                    print(f"  {label:16s} qd{qd:<2d}: {_f(r['iops'], ',.0f'):>10s} IOPS  "
+                          f"p50 {_f(r['p50_us'], '8.1f')} us  daemon {_f(r['daemon_us_per_io'], '6.2f')} us/io",
+                          flush=True)
+        finally:
+            stop(b)
+
+
+def plot_matrix(out: dict, path: str) -> None:
+    """IOPS and daemon CPU per request of every run, grouped by workload, one bar per daemon."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sections = [(k, t) for k, t in (("matrix", "tmpfs (256 MiB)"), ("disk", "host disk (cold)"))
+                if out.get(k)]
+    fig, axes = plt.subplots(2, len(sections), figsize=(8 * len(sections), 9), squeeze=False)
+    for col, (key, title) in enumerate(sections):
+        rows = [r for r in out[key] if not r.get("fatal")]
+        workloads = sorted({(r["rw"], r["qd"], r["queues"]) for r in rows},
+                           key=lambda w: (w[0], w[2], w[1]))
+        backends = sorted({r["backend"] for r in rows})
+        width = 0.8 / max(1, len(backends))
+        for k, be in enumerate(backends):
+            by = {(r["rw"], r["qd"], r["queues"]): r for r in rows if r["backend"] == be}
+            xs = [i + k * width for i in range(len(workloads))]
+            axes[0][col].bar(xs, [(by[w]["iops"] or 0) / 1e3 if w in by else 0 for w in workloads],
+                             width, label=be)
+            axes[1][col].bar(xs, [(by[w]["daemon_us_per_io"] or 0) if w in by else 0
+                                  for w in workloads], width, label=be)
+        labels = [f"{rw}\nqd{qd} q{q}" for rw, qd, q in workloads]
+        for ax, ylabel in ((axes[0][col], "kIOPS"), (axes[1][col], "daemon CPU µs / request")):
+            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(workloads))])
+            ax.set_xticklabels(labels, fontsize=7)
+            ax.set_ylabel(ylabel)
+            ax.grid(axis="y", alpha=0.3)
+        axes[0][col].set_title(f"{title}: IOPS (4 KiB)")
+        axes[1][col].set_title(f"{title}: daemon CPU per request (whole process tree)")
+        axes[0][col].legend(fontsize=7)
+    m = out.get("machine", {})
+    fig.suptitle(f"vscsid vs qemu-storage-daemon — {m.get('cpu_model', '')}, {m.get('cpus_online')} CPUs, "
+                 f"kernel {m.get('kernel')}, {m.get('date', '')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -189,3 +189,107 @@ def test_blk_against_qemu_storage_daemon(qsd):
                     "--verify", "--iodepth", "4", "--seconds", "30", "--ramp", "0", *COMMON)
     assert_sane(res)
     assert res["verify"]["timed_reads_ok"] == good
+
+
+def test_flushes_and_per_queue_timeline(start_daemon, make_image):
+    img = make_image(size=32 << 20)
+    d = start_daemon("--lun", str(img), "--num-queues", "2")
+    res = run_bench("--socket-path", d.socket_path, "--rw", "randwrite", "--iodepth", "8", "--queues", "2",
+                    "--flush-every", "4", "--seconds", "1", "--ramp", "0.2", *COMMON)
+    assert_sane(res)
+    # A flush after every 4 writes on each queue: the window's counts agree to within what
+    # was in flight at its two edges.
+    assert res["flushes"] > 0 and res["flush_lat_mean_ns"] > 0
+    assert abs(res["flushes"] - res["writes"] / 4) <= 2 * 2 * 8, (res["flushes"], res["writes"])
+    tl = res["timeline"]
+    assert tl["interval_s"] == 0.1 and len(tl["per_queue_ios"]) == 2
+    for q, series in zip(res["per_queue"], tl["per_queue_ios"]):
+        assert 8 <= len(series) <= 11 and all(n >= 0 for n in series)
+        # the samples cover the window: their sum is the queue's count to within the last step
+        assert 0 < sum(series) <= q["ios"]
+    # flushes are the C loop's
+    p = subprocess.run([sys.executable, "-m", "vscsid.bench", "--socket-path", d.socket_path,
+                        "--engine", "python", "--flush-every", "4", "--seconds", "0.2"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--flush-every needs the C loop" in p.stderr
+
+
+CPUACCT = "/sys/fs/cgroup/cpuacct"
+
+
+def test_daemon_cpu_from_a_cgroup(start_daemon, tmp_path):
+    import os
+    if not os.access(CPUACCT, os.W_OK):
+        pytest.skip("no writable cgroup v1 cpuacct hierarchy")
+    cg = os.path.join(CPUACCT, f"vscsid-test-{os.getpid()}")
+    os.mkdir(cg)
+    try:
+        d = start_daemon("--lun", "null:1G", "--num-queues", "2")
+        for pid in [d.proc.pid, *d.worker_pids()]:
+            with open(os.path.join(cg, "cgroup.procs"), "w") as f:
+                f.write(str(pid))
+        res = run_bench("--socket-path", d.socket_path, "--rw", "randread", "--iodepth", "16",
+                        "--queues", "2", "--seconds", "1", "--ramp", "0.2", "--daemon-cgroup", cg)
+        assert_sane(res)
+        assert res["daemon_cpu_source"] == "cgroup" and res["daemon_cgroup"] == cg
+        # two workers serving flat out for a second on a 2-core machine: well above zero,
+        # and no more than every core for the whole window
+        assert 0.05 < res["daemon_cpu_seconds"] <= res["seconds"] * os.cpu_count() + 0.05
+        assert res["daemon_cpu_us_per_io"] > 0
+    finally:
+        d.stop()
+        with open(os.path.join(CPUACCT, "cgroup.procs"), "w") as f:
+            for pid in open(os.path.join(cg, "cgroup.procs")).read().split():
+                try:
+                    f.write(pid)
+                    f.flush()
+                except OSError:
+                    pass
+        os.rmdir(cg)
+
+
+def test_report_and_compare(start_daemon, tmp_path):
+    import base64
+    import re
+    d = start_daemon("--lun", "null:1G", "--num-queues", "2")
+    runs = {}
+    for name, qd, queues in (("qd1", "1", "1"), ("qd16", "16", "2")):
+        out = tmp_path / name
+        res = run_bench("--socket-path", d.socket_path, "--rw", "randread", "--iodepth", qd,
+                        "--queues", queues, "--seconds", "0.6", "--ramp", "0.1",
+                        "--daemon-pid", str(d.proc.pid), "--report", str(out))
+        assert_sane(res)
+        assert res["report"] == str(out / "index.html")
+        saved = json.loads((out / "result.json").read_text())
+        assert saved["ios"] == res["ios"] and saved["lat_hist"] == res["lat_hist"]
+        # the histogram in the result holds every timed request
+        assert sum(c for _, _, c in res["lat_hist"]) == res["ios"]
+        page = (out / "index.html").read_text()
+        embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+        assert len(embedded) == 3      # the page is self-contained
+        for name_png, b64 in zip(("latency.png", "iops.png", "cpu.png"), embedded):
+            data = base64.b64decode(b64)
+            assert data[:8] == b"\x89PNG\r\n\x1a\n" and data == (out / name_png).read_bytes()
+        assert f"{res['iops']:,.0f}" in page
+        runs[name] = out / "result.json"
+
+    p = subprocess.run([sys.executable, "-m", "vscsid.bench", "--compare", str(runs["qd1"]),
+                        str(runs["qd16"]), "--json"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    cmp = json.loads(p.stdout)
+    assert cmp["compare"] == ["qd1", "qd16"]
+    a, b = (json.loads(runs[k].read_text()) for k in ("qd1", "qd16"))
+    iops = next(r for r in cmp["rows"] if r["metric"] == "IOPS")
+    assert iops["a"] == a["iops"] and iops["b"] == b["iops"]
+    assert iops["change_pct"] == pytest.approx(100 * (b["iops"] - a["iops"]) / a["iops"])
+    p = subprocess.run([sys.executable, "-m", "vscsid.bench", "--compare", str(runs["qd1"]),
+                        str(runs["qd16"]), "--report", str(tmp_path / "cmp")],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "settings that differ: iodepth 1 vs 16, queues 1 vs 2" in p.stdout
+    assert (tmp_path / "cmp" / "index.html").read_text().count("data:image/png;base64,") == 3
+    # not a result: a usage error, nothing written
+    (tmp_path / "junk.json").write_text('{"hello": 1}')
+    p = subprocess.run([sys.executable, "-m", "vscsid.bench", "--compare", str(runs["qd1"]),
+                        str(tmp_path / "junk.json")], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "not a vscsid-bench result" in p.stderr

@@ -43,7 +43,10 @@ def summary(res: dict) -> str:
     if "daemon_cpu_seconds" in res:
         per = res["daemon_cpu_us_per_io"]
         lines.append(f"  daemon cpu: {res['daemon_cpu_seconds']:.2f}s"
-                     + (f", {per:.2f} us/io" if per else ""))
+                     + (f", {per:.2f} us/io" if per else "")
+                     + f" ({res.get('daemon_cpu_source', 'pids')})")
+    if res.get("flushes"):
+        lines.append(f"  flushes: {res['flushes']} (mean {_fmt_ns(res['flush_lat_mean_ns'])})")
     if "other_cpu_seconds" in res:
         lines.append(f"  machine: {res['system_busy_cpu_seconds']:.2f} CPU-s busy in the window, "
                      f"{res['other_cpu_seconds']:.2f} CPU-s of it neither bench nor daemon"
@@ -99,7 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--daemon-pid", type=int, action="append", default=[], metavar="PID",
                    help="also report the CPU time of PID and its descendants during the window "
                         "(repeatable)")
+    p.add_argument("--daemon-cgroup", metavar="DIR",
+                   help="a cgroup v1 cpuacct directory the daemon runs in: its CPU during the "
+                        "window from cpuacct.usage (counts every process of the daemon, also "
+                        "workers that exited)")
+    p.add_argument("--flush-every", type=int, default=0, metavar="N",
+                   help="issue a cache flush (SYNCHRONIZE CACHE / VIRTIO_BLK_T_FLUSH) after every "
+                        "N writes, per queue (default 0: never)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
+    p.add_argument("--report", metavar="DIR",
+                   help="also write a report of the run into DIR: index.html (self-contained), "
+                        "latency.png, iops.png, cpu.png, result.json (needs matplotlib)")
+    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
+                   help="run nothing: show two results (--json output or a report's result.json) "
+                        "side by side; with --report DIR also as a page with the plots overlaid")
     return p
 
 
@@ -116,12 +132,48 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                        event_idx=not args.no_event_idx, verify=args.verify, seed=args.seed,
                        once=args.once, engine=args.engine, spin_us=args.spin_us,
                        stall_timeout=args.stall_timeout, loopback=args.loopback,
-                       daemon_pids=list(args.daemon_pid))
+                       daemon_pids=list(args.daemon_pid), daemon_cgroup=args.daemon_cgroup,
+                       flush_every=args.flush_every)
+
+
+def _run_name(path: str) -> str:
+    """A result's name in a comparison: the file's name, or its report directory's."""
+    base = os.path.basename(path)
+    if base == "result.json":
+        return os.path.basename(os.path.dirname(os.path.abspath(path))) or base
+    return base.removesuffix(".json")
+
+
+def compare_main(args: argparse.Namespace) -> int:
+    from .report import compare, compare_rows, load_result, write_compare_report
+    pa, pb = args.compare
+    try:
+        a, b = load_result(pa), load_result(pb)
+        names = (_run_name(pa), _run_name(pb))
+        if names[0] == names[1]:
+            names = (pa, pb)
+        files = write_compare_report(a, b, args.report, names) if args.report else []
+    except BenchError as e:
+        print(f"vscsid-bench: {e}", file=sys.stderr)
+        return e.code
+    if args.json:
+        print(json.dumps({"tool": "vscsid-bench", "compare": list(names), "rows": compare_rows(a, b),
+                          "files": files}))
+    else:
+        print(compare(a, b, names))
+        if files:
+            print(f"report: {files[0]}")
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.compare:
+        return compare_main(args)
     try:
+        if args.report:
+            from .report import require_pyplot
+            require_pyplot()        # no matplotlib: say so before the run, not after it
         cfg = config_from_args(args)
         res = run(cfg)
     except BenchError as e:
@@ -138,10 +190,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FATAL
     res["machine"] = {"kernel": platform.release(), "python": platform.python_version(),
                       "cpus": os.cpu_count()}
+    if args.report:
+        from .report import write_report
+        files = write_report(res, args.report)
+        res["report"] = files[0]
     if args.json:
         print(json.dumps(res))
     else:
         print(summary(res))
+        if args.report:
+            print(f"  report: {res['report']}")
     if res["fatal"]:
         return EXIT_FATAL
     if res["errors"] or ("verify" in res and not res["verify"]["ok"]):

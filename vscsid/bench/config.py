@@ -69,6 +69,9 @@ class BenchConfig:
     stall_timeout: float = 30.0
     loopback: bool = False
     daemon_pids: list[int] = field(default_factory=list)
+    daemon_cgroup: str | None = None     # a cgroup v1 cpuacct directory holding the daemon
+    flush_every: int = 0                 # a flush after every N writes (per queue; C loop)
+    timeline_interval: float = 0.1       # seconds between samples of per-queue completions
 
     @property
     def random(self) -> bool:
@@ -102,6 +105,10 @@ class BenchConfig:
             bad("--seconds must be > 0 and --ramp >= 0")
         if self.indirect not in ("auto", "on", "off"):
             bad("--indirect must be auto, on or off")
+        if self.flush_every < 0:
+            bad("--flush-every must be >= 0")
+        if self.flush_every and self.engine != "c":
+            bad("--flush-every needs the C loop (--engine c)")
         if self.engine not in ("c", "python"):
             bad("--engine must be c or python")
         if not self.loopback and not self.socket_path:

@@ -192,14 +192,18 @@ int bq_check_block(const uint8_t *data, uint32_t bs, uint64_t first_sector, uint
 /* The slot's fixed chain: BQ_CHAIN_LEN descriptors from its head (ring
  * descriptors head, head + 1, head + 2), or one INDIRECT descriptor at its head
  * pointing at the slot's table. */
-static void build_chain(struct bq *q, struct bq_slot *s, int is_write)
+static void build_chain(struct bq *q, struct bq_slot *s, int kind)
 {
     uint64_t a[BQ_CHAIN_LEN];
     uint32_t l[BQ_CHAIN_LEN];
     uint16_t f[BQ_CHAIN_LEN];
-    const int last = BQ_CHAIN_LEN - 1;
+    int last = BQ_CHAIN_LEN - 1, is_write = kind == 1;
     a[0] = s->hdr_gpa; l[0] = q->hdr_len; f[0] = 0;
-    if (q->format == BQ_FMT_SCSI) {
+    if (kind == 2) {                /* a flush: the header and the response, no data */
+        a[1] = s->resp_gpa; f[1] = VIRTQ_DESC_F_WRITE;
+        l[1] = q->format == BQ_FMT_SCSI ? q->resp_len : VIRTIO_BLK_STATUS_SIZE;
+        last = 1;
+    } else if (q->format == BQ_FMT_SCSI) {
         if (is_write) {
             a[1] = s->data_gpa; l[1] = q->bs; f[1] = 0;
             a[2] = s->resp_gpa; l[2] = q->resp_len; f[2] = VIRTQ_DESC_F_WRITE;
@@ -212,18 +216,18 @@ static void build_chain(struct bq *q, struct bq_slot *s, int is_write)
         a[2] = s->resp_gpa; l[2] = VIRTIO_BLK_STATUS_SIZE; f[2] = VIRTQ_DESC_F_WRITE;
     }
     if (q->indirect) {
-        for (int i = 0; i < BQ_CHAIN_LEN; i++)
+        for (int i = 0; i <= last; i++)
             put_desc(s->table + VIRTQ_DESC_SIZE * i, a[i], l[i],
                      f[i] | (i < last ? VIRTQ_DESC_F_NEXT : 0), i < last ? i + 1 : 0);
-        put_desc(q->desc + VIRTQ_DESC_SIZE * s->head, s->table_gpa, VIRTQ_DESC_SIZE * BQ_CHAIN_LEN,
+        put_desc(q->desc + VIRTQ_DESC_SIZE * s->head, s->table_gpa, VIRTQ_DESC_SIZE * (last + 1),
                  VIRTQ_DESC_F_INDIRECT, 0);
     } else {
         uint32_t h = s->head;
-        for (int i = 0; i < BQ_CHAIN_LEN; i++)
+        for (int i = 0; i <= last; i++)
             put_desc(q->desc + VIRTQ_DESC_SIZE * (h + i), a[i], l[i],
                      f[i] | (i < last ? VIRTQ_DESC_F_NEXT : 0), i < last ? (uint16_t)(h + i + 1) : 0);
     }
-    s->dir = is_write;
+    s->dir = kind;
 }
 
 static void set_error(struct bq *q, const char *m)
@@ -248,8 +252,17 @@ static int pick(struct bq *q, struct bq_slot *s, int mode)
         }
         is_write = 0;
     } else {
+        if (q->flush_every && q->since_flush >= q->flush_every) {
+            q->since_flush = 0;
+            s->is_flush = 1;
+            s->is_write = 0;
+            s->blk = 0;
+            return 1;
+        }
         if (q->rw == BQ_RW_MIXED) is_write = bounded(q->rng, 100) >= q->rwmixread;
         else is_write = q->rw == BQ_RW_WRITE;
+        if (is_write)
+            q->since_flush++;
         uint64_t n = q->blk_hi - q->blk_lo;
         if (q->random) {
             blk = q->blk_lo + bounded(q->rng, n);
@@ -273,6 +286,7 @@ static int pick(struct bq *q, struct bq_slot *s, int mode)
     }
     s->blk = blk;
     s->is_write = is_write;
+    s->is_flush = 0;
     if (q->verify) {
         q->busy[blk] = 1;
         if (is_write) {
@@ -288,6 +302,24 @@ static int pick(struct bq *q, struct bq_slot *s, int mode)
 
 static inline void prep_header(struct bq *q, struct bq_slot *s)
 {
+    int kind = s->is_flush ? 2 : s->is_write;
+    if (s->is_flush) {
+        if (q->format == BQ_FMT_SCSI) {
+            uint8_t *cdb = s->hdr + VIRTIO_SCSI_REQ_HDR;
+            memset(cdb, 0, 10);
+            cdb[0] = 0x35;                              /* SYNCHRONIZE CACHE(10): everything */
+            s->resp[VIRTIO_SCSI_RESP_OFF_STATUS] = 0xFF;
+            s->resp[VIRTIO_SCSI_RESP_OFF_RESPONSE] = 0xFF;
+        } else {
+            st32(s->hdr, VIRTIO_BLK_T_FLUSH);
+            st32(s->hdr + 4, 0);
+            st64(s->hdr + 8, 0);
+            s->resp[0] = 0xFF;
+        }
+        if (s->dir != kind)
+            build_chain(q, s, kind);
+        return;
+    }
     if (q->format == BQ_FMT_SCSI) {
         uint8_t *cdb = s->hdr + VIRTIO_SCSI_REQ_HDR;
         uint32_t nlb = q->bs / q->lbs;
@@ -315,8 +347,8 @@ static inline void prep_header(struct bq *q, struct bq_slot *s)
         st64(s->hdr + 8, s->blk * (q->bs / VIRTIO_BLK_SECTOR_SIZE));
         s->resp[0] = 0xFF;                              /* poison the status byte */
     }
-    if (s->dir != s->is_write)
-        build_chain(q, s, s->is_write);
+    if (s->dir != kind)
+        build_chain(q, s, kind);
 }
 
 static void record_error(struct bq *q, struct bq_slot *s, int kind)
@@ -358,6 +390,14 @@ static inline void complete(struct bq *q, struct bq_slot *s, uint64_t t)
     }
     if (bad)
         record_error(q, s, bad);
+    if (s->is_flush) {
+        q->total_ios++;
+        if (t >= q->ramp_end_ns && t < q->end_ns) {
+            q->flushes++;
+            q->flush_lat_sum += t - s->start_ns;
+        }
+        return;
+    }
     if (q->verify) {
         uint64_t blk = s->blk;
         if (s->is_write) {
@@ -502,6 +542,7 @@ static int wait_used(struct bq *q, int timeout_ms)
 void bq_reset_stats(struct bq *q)
 {
     q->ios = q->reads = q->writes = q->bytes = q->lat_sum = q->lat_max = 0;
+    q->flushes = q->flush_lat_sum = 0;
     q->lat_min = UINT64_MAX;
     memset(q->hist, 0, sizeof(uint64_t) * BQ_HIST_N);
     q->errors = q->total_ios = q->submitted = q->kicks = q->waits = q->publishes = q->reap_batches = 0;

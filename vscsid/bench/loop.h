@@ -60,6 +60,7 @@
  * virtio-scsi; the bench speaks virtio-blk only to drive other back ends. */
 #define VIRTIO_BLK_T_IN 0
 #define VIRTIO_BLK_T_OUT 1
+#define VIRTIO_BLK_T_FLUSH 4
 #define VIRTIO_BLK_OUTHDR_SIZE 16
 #define VIRTIO_BLK_STATUS_SIZE 1
 #define VIRTIO_BLK_S_OK 0
@@ -78,8 +79,10 @@ struct bq_slot {
     uint64_t blk;           /* block number (bs units) of the I/O in flight */
     uint64_t gen;           /* generation written / expected (verify) */
     uint32_t head;          /* ring descriptor index of the chain head */
-    int32_t dir;            /* direction the descriptors are built for: -1 none, 0 read, 1 write */
+    int32_t dir;            /* what the descriptors are built for: -1 none, 0 read, 1 write,
+                               2 flush */
     int32_t is_write;
+    int32_t is_flush;       /* a cache flush (SYNCHRONIZE CACHE / VIRTIO_BLK_T_FLUSH), no data */
     int32_t inflight;
 };
 
@@ -109,6 +112,8 @@ struct bq {
     int32_t random;
     uint32_t rwmixread;     /* percent of reads when mixed */
     int32_t once;           /* sequential: stop after one pass over [blk_lo, blk_hi) */
+    uint32_t flush_every;   /* a flush after every this many writes (0: never) */
+    uint32_t since_flush;
     uint64_t seed;          /* verify pattern seed */
     uint64_t rng[4];        /* xoshiro256** state (bq_seed) */
     int32_t verify;
@@ -132,6 +137,8 @@ struct bq {
     uint64_t ios;
     uint64_t reads;
     uint64_t writes;
+    uint64_t flushes;       /* flushes completed in the window (not counted in ios) */
+    uint64_t flush_lat_sum;
     uint64_t bytes;
     uint64_t lat_sum;
     uint64_t lat_min;

@@ -39,7 +39,8 @@ assert _BLK_OUTHDR.size == _lib.VIRTIO_BLK_OUTHDR_SIZE
 #: the counters both loops keep (struct bq's fields of the same names), besides
 #: lat_min, the histogram and the message
 STAT_FIELDS = (
-    "ios", "reads", "writes", "bytes", "lat_sum", "lat_max", "errors", "total_ios",
+    "ios", "reads", "writes", "flushes", "flush_lat_sum", "bytes", "lat_sum", "lat_max",
+    "errors", "total_ios",
     "submitted", "kicks", "waits", "publishes", "reap_batches", "verify_ok",
     "verify_unwritten", "verify_errors", "win_start_ns", "win_end_ns", "cpu_user_ns0",
     "cpu_sys_ns0", "cpu_user_ns1", "cpu_sys_ns1", "fatal", "err_kind", "err_blk",
@@ -139,6 +140,7 @@ class QueueSetup:
         q.random = int(cfg.random)
         q.rwmixread = cfg.rwmixread
         q.once = int(cfg.once)
+        q.flush_every = cfg.flush_every
         q.seed = cfg.seed
         lib.bq_seed(q, _rng_seed(cfg.seed, self.qidx))
         q.verify = int(cfg.verify)
@@ -181,6 +183,10 @@ class CLoop:
 
     def set_window(self, ramp_end: int, end: int) -> None:
         self.q.ramp_end_ns, self.q.end_ns = ramp_end, end
+
+    def ios_now(self) -> int:
+        """I/Os completed in the window so far (read while the loop runs)."""
+        return int(self.q.ios)
 
     def stats(self) -> dict:
         q = self.q
@@ -249,6 +255,9 @@ class PythonLoop:
 
     def set_window(self, ramp_end: int, end: int) -> None:
         self.ramp_end_ns, self.end_ns = ramp_end, end
+
+    def ios_now(self) -> int:
+        return self.st["ios"]
 
     def stats(self) -> dict:
         d = dict(self.st)

@@ -26,7 +26,10 @@ from .frontend import VhostUserFrontend
 from .guestmem import FrontendMemory
 from .loops import MODE_READBACK, MODE_TIMED, QueueSetup
 from .pattern import GEN_UNKNOWN, VERIFY_REASONS
-from .stats import HIST_N, percentile, system_busy_seconds, thread_cpu_ns, tree_cpu_seconds
+from .stats import (
+    HIST_N, cgroup_cpu_seconds, hist_bounds, percentile, system_busy_seconds, thread_cpu_ns,
+    tree_cpu_seconds,
+)
 
 __all__ = ["Bench", "run"]
 
@@ -382,6 +385,8 @@ class Bench:
 
         def sample(tag: str) -> None:
             # the /proc scan for the daemon's CPU is kept outside the bench's own window
+            if cfg.daemon_cgroup and tag == "0":
+                samples["cgroup_0"] = cgroup_cpu_seconds(cfg.daemon_cgroup)
             if cfg.daemon_pids and tag == "0":
                 samples["daemon_0"] = tree_cpu_seconds(cfg.daemon_pids)
             if tag == "0":
@@ -393,11 +398,33 @@ class Bench:
                 samples["sys_1"] = system_busy_seconds()
             if cfg.daemon_pids and tag == "1":
                 samples["daemon_1"] = tree_cpu_seconds(cfg.daemon_pids)
+            if cfg.daemon_cgroup and tag == "1":
+                samples["cgroup_1"] = cgroup_cpu_seconds(cfg.daemon_cgroup)
+
+        timeline: list[list[int]] = [[] for _ in loops]
+        # the daemon's CPU per step too when it is one file read (a cgroup), not a /proc scan
+        daemon_steps: list[float] = []
 
         def main_sample(threads) -> None:
             sleep_until(ramp_end, threads)
             sample("0")
-            sleep_until(end, threads)     # returns early when the queues finish (--once)
+            # Completions per queue over time (the window in timeline_interval steps);
+            # returns early when the queues finish (--once).
+            step = int(cfg.timeline_interval * 1e9)
+            t = ramp_end
+            last = [0] * len(loops)
+            last_cpu = samples.get("cgroup_0")
+            while t < end and any(th.is_alive() for th in threads):
+                t = min(end, t + step)
+                sleep_until(t, threads)
+                now = [e.ios_now() for e in loops]
+                for k, n in enumerate(now):
+                    timeline[k].append(n - last[k])
+                last = now
+                if last_cpu is not None:
+                    c = cgroup_cpu_seconds(cfg.daemon_cgroup)
+                    daemon_steps.append(c - last_cpu)
+                    last_cpu = c
             sample("1")
 
         try:
@@ -418,6 +445,9 @@ class Bench:
                 for t in self._dev_threads:
                     t.join(2)
         res = self._results(timed, samples)
+        res["timeline"] = {"interval_s": cfg.timeline_interval, "per_queue_ios": timeline}
+        if daemon_steps:
+            res["timeline"]["daemon_cpu_seconds"] = daemon_steps
         if cfg.verify:
             v = res["verify"] = {
                 "seed": cfg.seed, "nonce": nonce,
@@ -505,10 +535,15 @@ class Bench:
             "ios": ios,
             "reads": sum(s["reads"] for s in stats),
             "writes": sum(s["writes"] for s in stats),
+            "flushes": sum(s["flushes"] for s in stats),
+            "flush_lat_mean_ns": (sum(s["flush_lat_sum"] for s in stats)
+                                  / max(1, sum(s["flushes"] for s in stats))),
             "seconds": seconds,
             "lat_ns": {"min": lat_min, "mean": lat_sum / ios if ios else 0.0,
                        "p50": pct[50], "p90": pct[90], "p99": pct[99], "p99.9": pct[99.9],
                        "max": lat_max},
+            # the latency histogram's non-empty buckets: [low ns, high ns, count]
+            "lat_hist": [[*hist_bounds(i), c] for i, c in enumerate(hist) if c],
             "errors": sum(s["errors"] for s in stats),
             "first_error": None,
             "fatal": next((s["msg"] for s in stats if s["fatal"]), None),
@@ -533,11 +568,13 @@ class Bench:
         if "self_0" in samples and "self_1" in samples:
             a, b = samples["self_0"], samples["self_1"]
             res["process_cpu_seconds"] = (b.ru_utime - a.ru_utime) + (b.ru_stime - a.ru_stime)
-        if cfg.daemon_pids and "daemon_0" in samples and "daemon_1" in samples:
-            d = samples["daemon_1"] - samples["daemon_0"]
-            res["daemon_cpu_seconds"] = d
-            res["daemon_cpu_us_per_io"] = d * 1e6 / ios if ios else None
-            res["daemon_pids"] = cfg.daemon_pids
+        # The cgroup (when given) counts every process the daemon ran, exited workers included.
+        for source, key, extra in (("pids", "daemon", {"daemon_pids": cfg.daemon_pids}),
+                                   ("cgroup", "cgroup", {"daemon_cgroup": cfg.daemon_cgroup})):
+            if f"{key}_0" in samples and f"{key}_1" in samples:
+                d = samples[f"{key}_1"] - samples[f"{key}_0"]
+                res.update(extra, daemon_cpu_seconds=d, daemon_cpu_source=source,
+                           daemon_cpu_us_per_io=d * 1e6 / ios if ios else None)
         if "sys_0" in samples and "sys_1" in samples:
             # Everything else the machine ran meanwhile (other processes, interrupts): a noisy
             # neighbour shows up here. Tick-based (1/CLK_TCK s) like the daemon's figure.

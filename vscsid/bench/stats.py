@@ -65,6 +65,12 @@ def _proc_stat(pid: int) -> tuple[int, float] | None:
     return ppid, ticks / _CLK_TCK
 
 
+def cgroup_cpu_seconds(path: str) -> float:
+    """CPU time of every task a cgroup v1 cpuacct directory ever held (cpuacct.usage)."""
+    with open(os.path.join(path, "cpuacct.usage")) as f:
+        return int(f.read().strip()) / 1e9
+
+
 def tree_cpu_seconds(roots: list[int]) -> float:
     """CPU time (user+sys, incl. reaped children) of ``roots`` and all their descendants."""
     stats: dict[int, tuple[int, float]] = {}

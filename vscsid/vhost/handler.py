@@ -401,28 +401,27 @@ class VhostHandler:
         ring.broken = False
 
     async def on_set_vring_call(self, msg):
-        p: VringFile = msg.payload
-        ring = self.device.ring(p.index)
-        fd = -1 if p.nofd else msg.fds[0]
-        msg.fds = []
-        if ring.call_fd >= 0:
-            self.backend.close_fd(ring.call_fd)
-        ring.call_fd = fd
+        ring = self._replace_ring_fd(msg, "call_fd")
         if ring.started:
             await self.backend.ring_server(ring.index).call_changed(ring)
         return None
 
     async def on_set_vring_err(self, msg):
+        ring = self._replace_ring_fd(msg, "err_fd")
+        if ring.started:
+            await self.backend.ring_server(ring.index).err_changed(ring)
+        return None
+
+    def _replace_ring_fd(self, msg, attr: str):
+        """SET_VRING_CALL/ERR: the ring's new eventfd (or none), the old one closed."""
         p: VringFile = msg.payload
         ring = self.device.ring(p.index)
         fd = -1 if p.nofd else msg.fds[0]
         msg.fds = []
-        if ring.err_fd >= 0:
-            self.backend.close_fd(ring.err_fd)
-        ring.err_fd = fd
-        if ring.started:
-            await self.backend.ring_server(ring.index).err_changed(ring)
-        return None
+        if getattr(ring, attr) >= 0:
+            self.backend.close_fd(getattr(ring, attr))
+        setattr(ring, attr, fd)
+        return ring
 
     async def on_set_vring_enable(self, msg):
         p: VringState = msg.payload

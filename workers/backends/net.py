@@ -21,8 +21,8 @@ size, read-only, flush (WCE), FUA (DPOFUA; emulated with a flush when only flush
 is there), trim / write zeroes (UNMAP, WRITE SAME, LBPRZ), block sizes.
 
 Outages (NBD): when the connection dies, every command still out and every new
-one is *held* while the backend reconnects in the background (retrying every
-0.05 s, backing off to 0.5 s). A request that is still not done ``hold`` seconds
+one is *held* while the backend reconnects in the background (the first attempt
+at the next tick, then every tick to every 0.5 s as failures back off). A request that is still not done ``hold`` seconds
 after it arrived fails with ETIMEDOUT, which the SCSI target turns into NOT READY,
 LOGICAL UNIT IS IN PROCESS OF BECOMING READY (02/04/01): Linux retries that
 command (after 3 ms, again and again, for up to (retries + 1) × the command

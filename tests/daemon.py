@@ -21,6 +21,11 @@ class Daemon:
             stdout=self._log, stderr=subprocess.STDOUT)
         self.wait_for_log("ready", timeout=2 * WAIT)
 
+    @property
+    def admin_socket(self) -> str:
+        """The admin socket (vscsid's default: the socket path with .ctl appended)."""
+        return self.socket_path + ".ctl"
+
     def log_records(self) -> list[dict]:
         out = []
         for line in self.log_path.read_text(errors="replace").splitlines():

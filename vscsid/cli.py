@@ -19,7 +19,7 @@ import sys
 from . import __version__
 from .config import (
     DEFAULT_IMAGE_SIZE, DEFAULT_QUEUE_SIZE, MAX_QUEUE_SIZE, ConfigError, DaemonConfig, LunSpec,
-    check_lun_path,
+    check_lun_path, parse_host_port,
 )
 
 EXIT_OK = 0
@@ -50,11 +50,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="permissions of the created socket (octal, default 0600)")
     src.add_argument("--socket-owner", metavar="USER", help="owner of the created socket")
     src.add_argument("--socket-group", metavar="GROUP", help="group of the created socket")
+    src.add_argument("--config", metavar="FILE",
+                     help="read settings and LUNs from this TOML file (command-line options "
+                          "override it); SIGHUP re-reads it and applies its LUN changes")
+    ops = p.add_argument_group("operation")
+    ops.add_argument("--admin-socket", metavar="PATH",
+                     help="JSON-RPC admin socket for vscsid-ctl (mode 0600; default: the "
+                          "socket path with .ctl appended; 'none': no admin socket)")
+    ops.add_argument("--metrics-address", metavar="HOST:PORT",
+                     help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    ops.add_argument("--latency-sample", type=int, default=1, metavar="N",
+                     help="time one request in N for the latency histograms (default 1: "
+                          "every request; 0: none)")
     dev = p.add_argument_group("device")
     dev.add_argument("--lun", action="append", default=[], metavar="SPEC",
                      help="FILE[,ro][,blocksize=512|4096][,serial=S][,rotational][,cache=MODE]"
-                          "[,delay_us=N] — repeat for LUN 0, 1, 2 … of target 0; FILE may be "
-                          "null:SIZE. Without --lun a sparse default image is used.")
+                          "[,delay_us=N][,target=T][,lun=L] — repeat for more LUNs (default: "
+                          "the next free LUN of target 0); FILE may be null:SIZE. Without any "
+                          "LUN a sparse default image is used.")
     dev.add_argument("--default-image", metavar="PATH",
                      default=os.environ.get("VSCSID_DEFAULT_IMAGE", "/var/tmp/vscsid-default.img"),
                      help="image created (sparse, 1 GiB) and used as LUN 0 when no --lun is given")
@@ -178,8 +191,45 @@ def ensure_default_image(path: str, size: int = DEFAULT_IMAGE_SIZE) -> None:
         os.close(fd)
 
 
+def _option_table(parser: argparse.ArgumentParser) -> dict[str, tuple[bool, bool]]:
+    """long option name -> (takes a value, repeatable), for the configuration file."""
+    out = {}
+    for action in parser._actions:        # argparse keeps no public list of its options
+        for opt in action.option_strings:
+            if opt.startswith("--"):
+                out[opt[2:]] = (action.nargs != 0, isinstance(action, argparse._AppendAction))
+    return out
+
+
+def read_config_file(path: str) -> tuple[argparse.Namespace, list[LunSpec]]:
+    """The settings (as the command line would give them) and LUNs of a configuration
+    file, checked (ConfigError); what SIGHUP applies."""
+    from .configfile import load
+
+    parser = build_parser()
+    argv, lun_texts = load(path, _option_table(parser))
+    specs = [LunSpec.parse(t) for t in lun_texts]
+    for spec in specs:
+        check_lun_path(spec)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit:
+        raise ConfigError(f"{path}: bad settings (see the log line above)") from None
+    return args, specs
+
+
 def parse_config(argv: list[str] | None) -> tuple[DaemonConfig, argparse.Namespace]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre, _ = parser.parse_known_args(argv)
+    file_luns: list[str] = []
+    if pre.config:
+        from .configfile import load
+
+        file_argv, file_luns = load(pre.config, _option_table(parser))
+        argv = file_argv + argv          # the command line comes last: it wins
+    args = parser.parse_args(argv)
+    args.file_luns = file_luns
     if args.print_capabilities:
         return None, args  # type: ignore[return-value]
     try:
@@ -189,7 +239,10 @@ def parse_config(argv: list[str] | None) -> tuple[DaemonConfig, argparse.Namespa
     if not 0 <= mode <= 0o777:
         raise ConfigError("--socket-mode must be between 000 and 777")
     specs = tuple(LunSpec.parse(text) for text in args.lun)
-    if not specs:
+    config_specs = tuple(LunSpec.parse(text) for text in file_luns)
+    for spec in config_specs:
+        check_lun_path(spec)
+    if not specs and not config_specs:
         try:
             ensure_default_image(args.default_image)
         except OSError as exc:
@@ -198,7 +251,16 @@ def parse_config(argv: list[str] | None) -> tuple[DaemonConfig, argparse.Namespa
         specs = (LunSpec(path=args.default_image),)
     for spec in specs:
         check_lun_path(spec)
+    admin = args.admin_socket
+    if admin is None and args.socket_path:
+        admin = args.socket_path + ".ctl"
+    if admin in ("none", ""):
+        admin = None
     cfg = DaemonConfig(
+        admin_socket=admin, latency_sample=args.latency_sample,
+        metrics_address=parse_host_port(args.metrics_address) if args.metrics_address else None,
+        config_file=os.path.abspath(args.config) if args.config else None,
+        config_luns=config_specs,
         socket_path=args.socket_path, listen_fd=_listen_fd(args.fd), luns=specs, num_queues=args.num_queues,
         queue_size=args.queue_size, log_format=args.log_format, log_level=args.log_level,
         socket_mode=mode, socket_owner=_uid(args.socket_owner),
@@ -262,14 +324,43 @@ def main(argv: list[str] | None = None) -> int:
 
     from .supervisor import LunTable, Supervisor
 
-    try:
-        luns = LunTable(cfg.luns, ops)
-    except OSError as exc:
+    def abandon(msg: str) -> int:
         listener.close()
         if cfg.socket_path:
             ops.unlink(cfg.socket_path)
-        sys.stderr.write(f"vscsid: error: cannot open LUN: {exc}\n")
+        for s in extra:
+            s.close()
+        if admin is not None and cfg.admin_socket:
+            ops.unlink(cfg.admin_socket)
+        sys.stderr.write(f"vscsid: error: {msg}\n")
         return EXIT_USAGE
+
+    extra: list = []
+    admin = None
+    try:
+        luns = LunTable(cfg.luns, ops)
+        for spec in cfg.config_luns:
+            luns.open(spec, "config")
+    except (OSError, ConfigError) as exc:
+        return abandon(f"cannot open LUN: {exc}")
+    try:
+        if cfg.admin_socket:
+            admin = ops.listen_unix(cfg.admin_socket, mode=0o600, backlog=16)
+            extra.append(admin)
+    except (SocketPathError, OSError) as exc:
+        luns.close()
+        return abandon(f"admin socket: {exc}")
+    metrics = None
+    if cfg.metrics_address:
+        from .supervisor.metrics import listen_tcp
+
+        try:
+            metrics = listen_tcp(*cfg.metrics_address)
+            extra.append(metrics)
+        except OSError as exc:
+            luns.close()
+            return abandon(f"--metrics-address {cfg.metrics_address[0]}:"
+                           f"{cfg.metrics_address[1]}: {exc.strerror}")
     try:
         import setproctitle
 
@@ -286,8 +377,11 @@ def main(argv: list[str] | None = None) -> int:
     hb = args.heartbeat_timeout
     policy = Policy(heartbeat_timeout=hb, heartbeat_interval=min(2.0, hb / 4),
                     abort_grace=min(3.0, max(0.5, hb / 3)))
-    sup = Supervisor(cfg, listener, luns, ops, stats_interval=args.stats_interval, policy=policy)
+    sup = Supervisor(cfg, listener, luns, ops, stats_interval=args.stats_interval, policy=policy,
+                     admin_listener=admin, metrics_listener=metrics)
     sup.early_signals = early
+    if cfg.config_file:
+        sup.read_config = lambda: read_config_file(cfg.config_file)
     try:
         # asyncio.Runner with uvloop's loop is what uvloop.run() (uvloop >= 0.18) does;
         # Debian 12 ships uvloop 0.17, which has no run().

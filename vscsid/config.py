@@ -11,6 +11,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from . import inject as _inject
 
 MAX_LUNS = 256
+#: SCSI addresses a LUN may take: ``target=0..MAX_TARGET``, ``lun=0..MAX_LUN_NUMBER``
+#: (single-level LUNs; the data plane's LUN map is sized by them).
+MAX_TARGET = 255
+MAX_LUN_NUMBER = 255
 DEFAULT_QUEUE_SIZE = 128
 MAX_QUEUE_SIZE = 1024
 MAX_REQUEST_QUEUES = 64
@@ -66,6 +70,8 @@ class LunSpec:
     client_id: str = ""             # RBD: the cephx user without "client." (default admin)
     hold: float = DEFAULT_HOLD      # network LUNs: seconds a request waits for the server
     inject: str = ""                # fault injection rules (vscsid.inject), canonical text
+    target: int = 0                 # SCSI target id (the T of H:C:T:L)
+    lun: int | None = None          # LUN number; None: the next free LUN of the target
 
     @property
     def is_null(self) -> bool:
@@ -92,11 +98,13 @@ class LunSpec:
     def null_size(self) -> int:
         return parse_size(self.path[5:])
 
-    def effective_serial(self, index: int) -> str:
+    def effective_serial(self, index: int, target: int = 0) -> str:
         if self.serial:
             return self.serial
         where = self.path if self.is_network else os.path.abspath(self.path)
-        digest = hashlib.sha256(f"{where}#{index}".encode()).hexdigest()
+        # Target 0 keeps the key it always had (path#lun), so serials stay stable.
+        at = f"{index}" if target == 0 else f"{target}:{index}"
+        digest = hashlib.sha256(f"{where}#{at}".encode()).hexdigest()
         return "VS" + digest[:14].upper()
 
     def as_dict(self) -> dict:
@@ -153,6 +161,14 @@ class LunSpec:
                 if value not in ("auto", "sync", "uring"):
                     raise ConfigError(f"--lun {text!r}: aio must be auto, sync or uring")
                 kw["aio"] = value
+            elif key in ("target", "lun"):
+                limit = MAX_TARGET if key == "target" else MAX_LUN_NUMBER
+                try:
+                    kw[key] = int(value)
+                except ValueError:
+                    raise ConfigError(f"--lun {text!r}: {key} must be an integer") from None
+                if not 0 <= kw[key] <= limit:
+                    raise ConfigError(f"--lun {text!r}: {key} must be between 0 and {limit}")
             elif key in ("vendor", "product"):
                 limit = 8 if key == "vendor" else 16
                 if not value or len(value) > limit or not value.isascii() or not value.isprintable():
@@ -310,6 +326,11 @@ class DaemonConfig:
     seg_max: int = field(default=0)   # 0 = queue_size - 2
     engine: str = "c"                 # data path: "c" fast path (+ Python reference) or "python"
     poll_us: int = 32                 # adaptive busy-poll window of the C loop (0: never poll)
+    admin_socket: str | None = None   # the JSON-RPC admin socket (None: none)
+    metrics_address: tuple[str, int] | None = None   # where /metrics is served
+    latency_sample: int = 1           # time one request in N for the histograms (0: none)
+    config_file: str | None = None    # --config FILE (SIGHUP re-reads it)
+    config_luns: tuple[LunSpec, ...] = ()   # the LUNs that came from that file
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_queues <= MAX_REQUEST_QUEUES:
@@ -325,3 +346,22 @@ class DaemonConfig:
             raise ConfigError("--engine must be c or python")
         if (self.socket_path is None) == (self.listen_fd is None):
             raise ConfigError("exactly one of --socket-path and --fd is required")
+        if not 0 <= self.latency_sample <= 1_000_000:
+            raise ConfigError("--latency-sample must be between 0 and 1000000")
+        if len(self.luns) + len(self.config_luns) > MAX_LUNS:
+            raise ConfigError(f"at most {MAX_LUNS} LUNs are supported")
+
+
+def parse_host_port(text: str, what: str = "--metrics-address") -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (all interfaces)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise ConfigError(f"{what} {text!r}: expected HOST:PORT")
+    host = host.strip("[]")
+    try:
+        number = int(port)
+    except ValueError:
+        raise ConfigError(f"{what} {text!r}: bad port") from None
+    if not 0 <= number <= 65535:
+        raise ConfigError(f"{what} {text!r}: port out of range")
+    return host, number

@@ -56,7 +56,9 @@ def setup(fmt: str = "auto", level: str = "info", path: str | None = None, **con
         raise ValueError(f"bad log level {level!r}")
     stream = _ReopenableStream(path)
     _state.update(stream=stream, path=path, format=fmt, level=level)
+    _state["level_no"] = _LEVEL_NO[level]
     processors: list = [
+        _level_filter,
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -69,7 +71,9 @@ def setup(fmt: str = "auto", level: str = "info", path: str | None = None, **con
         processors.append(structlog.dev.ConsoleRenderer(colors=False))
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        # The threshold is applied by _level_filter, so that set_level() also
+        # reaches loggers already bound (a filtering wrapper class is fixed at bind).
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         # One write() per record (message and newline together): several
         # processes share stderr, and print() would write the newline
         # separately, letting records from different processes interleave.
@@ -78,6 +82,24 @@ def setup(fmt: str = "auto", level: str = "info", path: str | None = None, **con
     )
     if context:
         structlog.contextvars.bind_contextvars(**context)
+
+
+_LEVEL_NO = {"debug": 10, "info": 20, "warning": 30, "warn": 30, "error": 40, "exception": 40,
+             "critical": 50, "fatal": 50, "msg": 20}
+
+
+def _level_filter(logger, method_name: str, event_dict):
+    if _LEVEL_NO.get(method_name, 20) < _state.get("level_no", 20):
+        raise structlog.DropEvent
+    return event_dict
+
+
+def set_level(level: str) -> None:
+    """Change the threshold at run time (every logger of this process)."""
+    if level not in LEVELS:
+        raise ValueError(f"bad log level {level!r}")
+    _state["level"] = level
+    _state["level_no"] = _LEVEL_NO[level]
 
 
 def reopen() -> None:

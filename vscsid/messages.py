@@ -10,13 +10,21 @@ nothing is positional, and a receiver closes every fd no field claimed.
 A request that wants an answer carries ``seq``; the answer is a :class:`Reply`
 with the same ``seq``, ``ok``, an ``error`` text when not ok, and the fields of
 the request's result type (``Request.result``). The worker also sends
-:class:`Event` messages (a ring broke, guest memory faulted).
+:class:`Event` messages (a ring broke, guest memory faulted) and, while a trace
+is on, :class:`TraceRecords` (completed commands, batched per loop pass).
 
 =============  ==============================  ========================  ==================
 message        fields                          fds                       result
 =============  ==============================  ========================  ==================
 Configure      queue, queues, luns, engine,    lun_fds (per LUN, or      ConfigureResult
-               poll_us, cdb_size, sense_size   null), state_page
+               poll_us, cdb_size, sense_size,  null), state_page,
+               latency_sample                  stats_page
+AddLun         lun (a LunEntry)                lun_fd (null: no file)    ConfigureResult
+RemoveLun      slot                            -                         -
+ResizeLun      slot, num_blocks                -                         -
+TraceStart     slots (null: every request)     -                         -
+TraceStop      -                               -                         -
+SetLogLevel    level                           -                         -
 MapMemory      regions, generation,            region_fds (one each)     -
                max_regions
 StartRing      size, desc, avail, used,        kick, call?, inflight?,   -
@@ -29,8 +37,8 @@ SetErr         -                               err?                      -
 EnableRing     on                              -                         -
 StopRing       -                               -                         StopResult
 SetParams      cdb_size, sense_size            -                         -
-TaskMgmt       kind, lun, tag                  -                         TaskMgmtResult
-SetInjections  lun, inject                     -                         -
+TaskMgmt       kind, target, lun, tag          -                         TaskMgmtResult
+SetInjections  lun (a slot), inject            -                         -
 Unmap          -                               -                         -
 Ping           -                               -                         PingResult
 Exit           -                               -                         -
@@ -177,6 +185,8 @@ class ConfigureResult:
     the supervisor hands both to later workers (a restarted worker then comes up even
     while the server is unreachable)."""
     luns: list = field(default_factory=list)           # [{"lun", "info", "facts"}]
+    #: how to read the worker's statistics page (see workers/stats.py)
+    stats_layout: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -192,12 +202,19 @@ class PingResult:
 
 @dataclass
 class LunEntry:
-    """One LUN of a worker's configuration: its number, its spec (config.LunSpec as a
-    dict) and its identity (scsi.DiskInfo as a dict)."""
+    """One LUN of a worker's configuration: its address (target, LUN number), its slot
+    (its index in the LUN table, the state page and the statistics page), its spec
+    (config.LunSpec as a dict) and its identity (scsi.DiskInfo as a dict)."""
     lun: int
     spec: dict
     info: dict
     facts: dict | None = None       # network LUNs: what the server advertised (ConfigureResult)
+    target: int = 0
+    slot: int | None = None         # None: the LUN number (single-target callers)
+
+    def __post_init__(self):
+        if self.slot is None:
+            self.slot = self.lun
 
 
 @dataclass
@@ -209,13 +226,64 @@ class Configure(Request):
     luns: list = field(default_factory=list)          # [LunEntry as dict]
     lun_fds: list = fd_list()                          # aligned with luns (None: no fd)
     state_page: int | None = fd()                      # the shared per-LUN state page
+    stats_page: int | None = fd()                      # this queue's statistics page
     engine: str = "c"
     poll_us: int = 0
     cdb_size: int = 32
     sense_size: int = 96
+    latency_sample: int = 1        # time one request in N (0: none)
+    result: ClassVar[type] = ConfigureResult
 
     def lun_entries(self) -> list[LunEntry]:
         return [LunEntry(**e) for e in self.luns]
+
+
+@dataclass
+class AddLun(Request):
+    """A LUN comes (hot-add): the worker opens its backend on ``fd`` and serves it."""
+    op: ClassVar[str] = "add_lun"
+    lun: dict = field(default_factory=dict)            # a LunEntry as a dict
+    lun_fd: int | None = fd()
+
+    def entry(self) -> LunEntry:
+        return LunEntry(**self.lun)
+
+
+@dataclass
+class RemoveLun(Request):
+    """A LUN goes: new requests to it get the answer a missing LUN gets; the reply
+    comes once none of its requests is in flight on this queue any more."""
+    op: ClassVar[str] = "remove_lun"
+    slot: int = 0
+
+
+@dataclass
+class ResizeLun(Request):
+    """The LUN's capacity changed; a shrink is applied (and answered) once none of
+    the LUN's requests is in flight on this queue."""
+    op: ClassVar[str] = "resize_lun"
+    slot: int = 0
+    num_blocks: int = 0
+
+
+@dataclass
+class TraceStart(Request):
+    """Report every completed command (of the LUNs in ``slots``; None: every request,
+    missing LUNs and targets included) with TraceRecords; those LUNs leave the C
+    fast path while the trace lasts."""
+    op: ClassVar[str] = "trace_start"
+    slots: list | None = None
+
+
+@dataclass
+class TraceStop(Request):
+    op: ClassVar[str] = "trace_stop"
+
+
+@dataclass
+class SetLogLevel(Request):
+    op: ClassVar[str] = "log_level"
+    level: str = "info"
 
 
 @dataclass
@@ -289,7 +357,8 @@ class TaskMgmt(Request):
     op: ClassVar[str] = "tmf"
     result: ClassVar[type] = TaskMgmtResult
     kind: str = ""
-    lun: int | None = None          # None: every LUN (I_T nexus reset)
+    target: int = 0
+    lun: int | None = None          # None: every LUN of the target (I_T nexus reset)
     tag: int = 0
 
 
@@ -344,21 +413,31 @@ class Event(Message):
     reason: str | None = None
 
 
+@dataclass
+class TraceRecords(Message):
+    """Completed commands (while a trace is on): ``records`` is a list of
+    [time_ns, target, lun, cdb hex, status, sense hex, response, latency_ns,
+    data_in, data_out]; ``dropped`` counts the records the worker could not send."""
+    op: ClassVar[str] = "trace"
+    records: list = field(default_factory=list)
+    dropped: int = 0
+
+
 # ----------------------------------------------------------------------------- the channel
 
 def socketpair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
 
 
-def send(sock: socket.socket, msg: Message) -> None:
+def send(sock: socket.socket, msg: Message, flags: int = 0) -> None:
     body, fds = msg.encode()
     data = json.dumps(body, separators=(",", ":")).encode()
     if len(data) > MAX_MSG:
         raise ChannelError(f"message of {len(data)} bytes too large")
     if fds:
-        socket.send_fds(sock, [data], fds)
+        socket.send_fds(sock, [data], fds, flags)
     else:
-        sock.send(data)
+        sock.send(data, flags)
 
 
 def recv(sock: socket.socket, flags: int = 0) -> Message:

@@ -284,7 +284,7 @@ int vsd_flush(struct vsd_queue *q)
     for (k = 0; k < q->ncompleted; k++)
         q->hstate[q->completed[k]] = VSD_HEAD_FREE;     /* the driver owns them again */
     q->ncompleted = 0;
-    q->st_batches++;
+    q->st->q.batches++;
     mb();
     if (q->event_idx) {
         old = q->signalled_used;
@@ -302,7 +302,7 @@ int vsd_flush(struct vsd_queue *q)
     if (notify && q->call_fd >= 0) {
         uint64_t one = 1;
         if (write(q->call_fd, &one, 8) == 8)
-            q->st_calls++;
+            q->st->q.calls++;
         return 1;
     }
     return 0;
@@ -337,6 +337,8 @@ struct vsd_io {
     uint64_t bytes;        /* bytes of the request, for the statistics */
     uint8_t *resp;         /* response header (VIRTIO_SCSI_RESP_HDR bytes) */
     int kind;              /* IO_* */
+    uint16_t slot;         /* the LUN's slot (statistics) */
+    uint64_t t0;           /* when it started, if timed (0: not timed) */
     struct iovec iov[VSD_MAX_IOV];
     int niov;
     struct __kernel_timespec ts;
@@ -551,12 +553,97 @@ static int dio_aligned(const struct vsd_lun *l, const struct iovec *iov, int nio
     return 1;
 }
 
+/* ------------------------------------------------------------------ statistics
+ * Counters live in q->st (the queue's shared statistics page): the fast path
+ * counts what it completes, per queue and per LUN slot; one request in
+ * q->lat_every is timed (two clock reads) for the latency histograms. */
+
+static inline uint64_t now_ns(void);   /* (defined with the serve loop) */
+
+uint64_t vsd_now_ns(void)
+{
+    return now_ns();
+}
+
+/* Bucket of a latency: microseconds 0-3 each, then four buckets per power of two. */
+unsigned vsd_hist_bucket(uint64_t ns)
+{
+    uint64_t us = ns / 1000;
+    unsigned e, i;
+    if (us < 4)
+        return (unsigned)us;
+    e = 63u - (unsigned)__builtin_clzll(us);
+    i = 4 * (e - 1) + (unsigned)((us >> (e - 2)) & 3);
+    return i < VSD_HIST_BUCKETS ? i : VSD_HIST_BUCKETS - 1;
+}
+
+uint64_t vsd_hist_lower_us(unsigned bucket)
+{
+    if (bucket < 4)
+        return bucket;
+    return (uint64_t)(4 + (bucket & 3)) << (bucket / 4 - 1);
+}
+
+/* Take one pending unit attention of a LUN (the n bytes of its record in the
+ * shared state page): the kind whose byte this call swapped from 1 to 0, or -1.
+ * Of all the queues that try, exactly one gets each. */
+int vsd_ua_take(uint8_t *ua, int n)
+{
+    int k;
+    for (k = 0; k < n; k++)
+        if (__atomic_load_n(&ua[k], __ATOMIC_RELAXED) &&
+            __atomic_exchange_n(&ua[k], 0, __ATOMIC_ACQ_REL))
+            return k;
+    return -1;
+}
+
+/* The start time of a request the fast path serves, or 0 when it is not timed. */
+static inline uint64_t lat_start(struct vsd_queue *q)
+{
+    if (!q->lat_every || ++q->lat_tick < q->lat_every)
+        return 0;
+    q->lat_tick = 0;
+    return now_ns();
+}
+
+static inline void count_done(struct vsd_queue *q, unsigned slot, int kind, uint64_t bytes,
+                              uint64_t t0, uint64_t t1)
+{
+    struct vsd_lunstats *ls = &q->st->luns[slot];
+    int op = kind == IO_WRITE ? VSD_OP_WRITE : kind == IO_READ ? VSD_OP_READ : VSD_OP_OTHER;
+    if (kind == IO_WRITE) {
+        q->st->q.bytes_out += bytes;
+        ls->bytes_out += bytes;
+    } else if (kind == IO_READ) {
+        q->st->q.bytes_in += bytes;
+        ls->bytes_in += bytes;
+    }
+    q->st->q.fast++;
+    ls->ops[op]++;
+    if (t0) {
+        uint64_t d = t1 > t0 ? t1 - t0 : 0;
+        ls->lat_count[op]++;
+        ls->lat_sum_ns[op] += d;
+        ls->lat[op][vsd_hist_bucket(d)]++;
+    }
+}
+
+/* The slot of target:lun, or -1. */
+static inline int lun_slot(struct vsd_queue *q, unsigned target, unsigned lun)
+{
+    if (!q->lunmap)
+        return (target == 0 && lun < (unsigned)q->nluns) ? (int)lun : -1;
+    if (lun >= VSD_TARGET_LUNS)
+        return -1;
+    return (int)q->lunmap[target * VSD_TARGET_LUNS + lun] - 1;
+}
+
 /* Queue one asynchronous I/O (READV, WRITEV, FSYNC or, for a null LUN, NOP), behind
  * a hard-linked timeout when the LUN has injected latency. 1 = in flight, 0 = no
  * room (the caller punts). The head is BUSY, so its slot in ios[] is free. */
 static int submit_async(struct vsd_queue *q, struct vsd_lun *l, uint16_t head, int kind, int fd,
                         const struct iovec *iov, int niov, uint64_t off, uint64_t expect,
-                        uint32_t written, uint64_t bytes, uint8_t *resp, int fua)
+                        uint32_t written, uint64_t bytes, uint8_t *resp, int fua, uint64_t t0)
 {
     struct vsd_uring *u = q->uring;
     struct vsd_io *io = &u->ios[head];
@@ -570,6 +657,8 @@ static int submit_async(struct vsd_queue *q, struct vsd_lun *l, uint16_t head, i
     io->resp = resp;
     io->written = written;
     io->niov = niov;
+    io->slot = (uint16_t)(l - q->luns);
+    io->t0 = t0;
     if (niov)
         memcpy(io->iov, iov, sizeof(struct iovec) * (size_t)niov);
     if (l->delay_ns) {
@@ -607,21 +696,18 @@ static int submit_async(struct vsd_queue *q, struct vsd_lun *l, uint16_t head, i
     sqe->user_data = (uint64_t)head << 1;
     io->active = 1;
     q->in_flight++;
-    if (q->in_flight > q->st_max_in_flight)
-        q->st_max_in_flight = q->in_flight;
-    q->st_async++;
+    if (q->in_flight > q->st->q.max_in_flight)
+        q->st->q.max_in_flight = q->in_flight;
+    q->st->q.async++;
+    q->st->luns[io->slot].in_flight++;
     return 1;
 }
 
-static void complete_fast(struct vsd_queue *q, uint16_t head, int kind, uint64_t bytes,
-                          uint8_t *resp, uint32_t written)
+static void complete_fast(struct vsd_queue *q, struct vsd_lun *l, uint16_t head, int kind,
+                          uint64_t bytes, uint8_t *resp, uint32_t written, uint64_t t0)
 {
     ok_response(resp);
-    if (kind == IO_WRITE)
-        q->st_bytes_out += bytes;
-    else if (kind == IO_READ)
-        q->st_bytes_in += bytes;
-    q->st_fast++;
+    count_done(q, (unsigned)(l - q->luns), kind, bytes, t0, t0 ? now_ns() : 0);
     push(q, head, written);
 }
 
@@ -630,8 +716,6 @@ static void complete_fast(struct vsd_queue *q, uint16_t head, int kind, uint64_t
  * queue never waits on the page cache twice in a row. */
 #define WRITE_BLOCKED_NS 200000ULL
 #define WRITE_ASYNC_HOLD_NS 1000000000ULL
-
-static inline uint64_t now_ns(void);
 
 /* Serve one request if it is on the fast path. 1 = completed or in flight, 0 = punt. */
 static int fast_one(struct vsd_queue *q, uint16_t head)
@@ -642,10 +726,10 @@ static int fast_one(struct vsd_queue *q, uint16_t head)
     uint32_t hdr_len = VIRTIO_SCSI_REQ_HDR + q->cdb_size;
     uint32_t resp_len = VIRTIO_SCSI_RESP_HDR + q->sense_size;
     uint8_t op, flags;
-    uint64_t lba, nblocks, bytes, off;
+    uint64_t lba, nblocks, bytes, off, t0;
     struct vsd_lun *l;
     unsigned lun;
-    int kind, fua = 0, fd, niov;
+    int kind, fua = 0, fd, niov, slot;
     struct iovec *iov;
     uint8_t *resp;
     uint32_t written;
@@ -657,15 +741,18 @@ static int fast_one(struct vsd_queue *q, uint16_t head)
     /* A private copy: the guest may rewrite the header while we decode it. */
     gather(c.out, c.nout, hdr, hdr_len);
     h = hdr;
-    /* LUN: 1, target 0, flat-space single-level LUN, four zero bytes */
-    if (h[0] != 1 || h[1] != 0 || (h[2] >> 6) != 1 || h[4] | h[5] | h[6] | h[7])
+    /* LUN: 1, the target, flat-space single-level LUN, four zero bytes */
+    if (h[0] != 1 || (h[2] >> 6) != 1 || h[4] | h[5] | h[6] | h[7])
         return 0;
     lun = ((unsigned)(h[2] & 0x3F) << 8) | h[3];
-    if (lun >= (unsigned)q->nluns)
+    slot = lun_slot(q, h[1], lun);
+    if (slot < 0)
         return 0;
-    l = &q->luns[lun];
+    l = &q->luns[slot];
     if ((l->flags & (LUN_PRESENT | LUN_FAST)) != (LUN_PRESENT | LUN_FAST))
         return 0;
+    if (l->ua && __atomic_load_n(l->ua, __ATOMIC_RELAXED))
+        return 0;       /* a unit attention to report: the reference path does */
     cdb = h + VIRTIO_SCSI_REQ_HDR;
     op = cdb[0];
     flags = cdb[1];
@@ -703,6 +790,7 @@ static int fast_one(struct vsd_queue *q, uint16_t head)
     default:
         return 0;
     }
+    t0 = lat_start(q);
     if (kind == IO_FSYNC) {
         /* The flush runs in io_uring (or the reference path): never in this loop. */
         if (lba > l->num_blocks || nblocks > l->num_blocks - lba)
@@ -714,13 +802,13 @@ static int fast_one(struct vsd_queue *q, uint16_t head)
             if (l->delay_ns)
                 return q->uring && (l->flags & LUN_ASYNC)
                     && submit_async(q, l, head, IO_FSYNC, -1, NULL, 0, 0, 0, resp_len, 0,
-                                    resp, 0);
-            complete_fast(q, head, IO_FSYNC, 0, resp, resp_len);
+                                    resp, 0, t0);
+            complete_fast(q, l, head, IO_FSYNC, 0, resp, resp_len, t0);
             return 1;
         }
         if (!q->uring)
             return 0;
-        return submit_async(q, l, head, IO_FSYNC, l->fd, NULL, 0, 0, 0, resp_len, 0, resp, 0);
+        return submit_async(q, l, head, IO_FSYNC, l->fd, NULL, 0, 0, 0, resp_len, 0, resp, 0, t0);
     }
     if (kind == IO_WRITE) {
         if (flags & ~0x18)              /* only DPO and FUA */
@@ -763,13 +851,14 @@ static int fast_one(struct vsd_queue *q, uint16_t head)
 
     if (l->flags & LUN_NULL) {
         if (l->delay_ns)
-            return submit_async(q, l, head, kind, -1, iov, niov, off, 0, written, bytes, resp, fua);
+            return submit_async(q, l, head, kind, -1, iov, niov, off, 0, written, bytes, resp,
+                                fua, t0);
         if (kind == IO_READ) {
             int k;
             for (k = 0; k < niov; k++)
                 memset(iov[k].iov_base, 0, iov[k].iov_len);
         }
-        complete_fast(q, head, kind, bytes, resp, written);
+        complete_fast(q, l, head, kind, bytes, resp, written, t0);
         return 1;
     }
     fd = l->fd;
@@ -779,9 +868,10 @@ static int fast_one(struct vsd_queue *q, uint16_t head)
         if (l->buffered_fd < 0)
             return 0;
         fd = l->buffered_fd;
-        q->st_unaligned++;
+        q->st->q.unaligned++;
     } else if (q->uring && (l->flags & LUN_ASYNC)) {
-        return submit_async(q, l, head, kind, fd, iov, niov, off, bytes, written, bytes, resp, fua);
+        return submit_async(q, l, head, kind, fd, iov, niov, off, bytes, written, bytes, resp,
+                            fua, t0);
     }
     if (kind == IO_READ && l->map) {
         /* A memory file (tmpfs): its pages are the data; a copy, no system call. */
@@ -791,14 +881,14 @@ static int fast_one(struct vsd_queue *q, uint16_t head)
             memcpy(iov[k].iov_base, l->map + pos, iov[k].iov_len);
             pos += iov[k].iov_len;
         }
-        complete_fast(q, head, kind, bytes, resp, written);
+        complete_fast(q, l, head, kind, bytes, resp, written, t0);
         return 1;
     }
     if (kind == IO_READ && q->uring && (l->flags & LUN_NOWAIT)) {
         /* Cached data inline; what would wait for the disk goes to io_uring. */
         ssize_t n = preadv2(fd, iov, niov, (off_t)off, RWF_NOWAIT);
         if (n == (ssize_t)bytes) {
-            complete_fast(q, head, kind, bytes, resp, written);
+            complete_fast(q, l, head, kind, bytes, resp, written, t0);
             return 1;
         }
         if (n < 0 && errno == EOPNOTSUPP) {
@@ -810,33 +900,33 @@ static int fast_one(struct vsd_queue *q, uint16_t head)
                 niov = skip_iov(iov, niov, (size_t)n);
                 off += (uint64_t)n;
             }
-            q->st_nowait_miss++;
+            q->st->q.nowait_miss++;
             return submit_async(q, l, head, kind, fd, iov, niov, off, bytes - (n > 0 ? n : 0),
-                                written, bytes, resp, fua);
+                                written, bytes, resp, fua, t0);
         }
     }
     if (kind == IO_WRITE && q->uring && !(l->flags & LUN_SYNC)) {
         /* A durable write, or writes of a LUN whose last inline write blocked. */
         if (fua || (l->write_async_until && now_ns() < l->write_async_until))
             return submit_async(q, l, head, kind, fd, iov, niov, off, bytes, written, bytes,
-                                resp, fua);
+                                resp, fua, t0);
         {
             uint64_t t0 = now_ns();
             if (do_sync_io(fd, 1, iov, niov, off, bytes, 0))
                 return 0;       /* let the reference path produce the right sense */
             if (now_ns() - t0 > WRITE_BLOCKED_NS) {
                 l->write_async_until = now_ns() + WRITE_ASYNC_HOLD_NS;
-                q->st_write_blocked++;
+                q->st->q.write_blocked++;
             } else {
                 l->write_async_until = 0;
             }
         }
-        complete_fast(q, head, kind, bytes, resp, written);
+        complete_fast(q, l, head, kind, bytes, resp, written, t0);
         return 1;
     }
     if (do_sync_io(fd, kind == IO_WRITE, iov, niov, off, bytes, fua))
         return 0;   /* let the reference path produce the right sense */
-    complete_fast(q, head, kind, bytes, resp, written);
+    complete_fast(q, l, head, kind, bytes, resp, written, t0);
     return 1;
 }
 
@@ -847,6 +937,7 @@ static int reap(struct vsd_queue *q, uint16_t *slow, int *nslow, int max_slow)
     struct vsd_uring *u = q->uring;
     unsigned head, tail;
     int done = 0;
+    uint64_t t1 = 0;       /* one clock read per reap, for the timed completions */
     if (!u)
         return 0;
     head = *u->cq_head;
@@ -871,17 +962,17 @@ static int reap(struct vsd_queue *q, uint16_t *slow, int *nslow, int max_slow)
             io->active = 0;
             if (q->in_flight)
                 q->in_flight--;
+            if (q->st->luns[io->slot].in_flight)
+                q->st->luns[io->slot].in_flight--;
             /* A NOP (null LUN) and an fsync report 0; a read or write must move
              * every byte it was given. Short or failed transfers are redone by the
              * reference path, which loops on short I/O and turns errors into the
              * right sense data. */
             if (res >= 0 && (uint64_t)res == io->expect) {
                 ok_response(io->resp);
-                if (io->kind == IO_WRITE)
-                    q->st_bytes_out += io->bytes;
-                else if (io->kind == IO_READ)
-                    q->st_bytes_in += io->bytes;
-                q->st_fast++;
+                if (io->t0 && !t1)
+                    t1 = now_ns();
+                count_done(q, io->slot, io->kind, io->bytes, io->t0, t1);
                 if (push(q, h, io->written) == 0)
                     done++;
             } else {
@@ -949,7 +1040,7 @@ int vsd_run(struct vsd_queue *q, uint16_t *slow, int max_slow, int budget)
             done++;
             inflight_get(q, head);
             if (!fast_one(q, head)) {
-                q->st_slow++;
+                q->st->q.slow++;
                 slow[nslow++] = head;
             }
         }
@@ -1098,7 +1189,7 @@ int vsd_serve(struct vsd_queue *q, int epfd, int kick_fd, int uring_fd, int time
                 __builtin_ia32_pause();
             } while (now_ns() < deadline);
             if (hit) {
-                q->st_poll_hits++;
+                q->st->q.poll_hits++;
                 continue;
             }
         }
@@ -1130,7 +1221,7 @@ int vsd_serve(struct vsd_queue *q, int epfd, int kick_fd, int uring_fd, int time
                 int fd = evs[k].data.fd;
                 if (fd == kick_fd) {
                     drain_eventfd(kick_fd);
-                    q->st_kicks++;
+                    q->st->q.kicks++;
                 } else if (fd == uring_fd) {
                     drain_eventfd(uring_fd);
                 } else {

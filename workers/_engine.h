@@ -7,8 +7,10 @@
  * <stdint.h>, <stddef.h> and virtio.h come first in C.
  */
 
-#define VSD_MAX_LUNS 256
+#define VSD_MAX_LUNS 256            /* LUN slots (the supervisor's LUN table) */
 #define VSD_MAX_IOV 256
+#define VSD_MAX_TARGETS 256         /* target ids 0..255 (the LUN field's byte 1) */
+#define VSD_TARGET_LUNS 256         /* LUN numbers 0..255 per target */
 
 /* struct vsd_lun.flags */
 #define LUN_PRESENT 1
@@ -50,6 +52,44 @@ struct vsd_lun {
     int buffered_fd;                /* O_DIRECT: the same file without it, or -1 */
     uint64_t write_async_until;     /* writes go through io_uring until then (ns) */
     const uint8_t *map;             /* a memory file (tmpfs) mapped whole: reads are copies */
+    uint32_t *ua;                   /* its pending unit attentions (4 bytes of the shared
+                                       state page, vscsid/lunstate.py), may be NULL: while
+                                       any is set the LUN's requests take the reference path */
+};
+
+/* Statistics: one struct vsd_stats per request queue, in a shared page the
+ * supervisor reads (workers/stats.py describes its layout to the supervisor).
+ * The worker is its only writer: the C fast path and the Python reference path
+ * count into the same counters. Latency histograms have fixed log-linear
+ * buckets in microseconds: 0, 1, 2, 3, then four per power of two
+ * (vsd_hist_bucket, vsd_hist_lower_us); the last bucket has no upper bound. */
+#define VSD_HIST_BUCKETS 96
+#define VSD_OPS 3                   /* reads, writes, other commands */
+#define VSD_OP_READ 0
+#define VSD_OP_WRITE 1
+#define VSD_OP_OTHER 2
+#define VSD_SENSE_KEYS 16
+
+struct vsd_qstats {
+    uint64_t fast, slow, bytes_in, bytes_out, calls, batches, async;
+    uint64_t max_in_flight, nowait_miss, write_blocked, unaligned;
+    uint64_t poll_hits, kicks;
+};
+
+struct vsd_lunstats {
+    uint64_t ops[VSD_OPS];          /* completed requests */
+    uint64_t bytes_in, bytes_out;   /* data read by the guest / written by it */
+    uint64_t errors[VSD_SENSE_KEYS];/* CHECK CONDITION, by sense key */
+    uint64_t failures;              /* virtio-scsi responses other than OK */
+    uint64_t in_flight;             /* requests in flight now (a gauge) */
+    uint64_t lat_count[VSD_OPS];    /* timed requests (one in latency_sample) */
+    uint64_t lat_sum_ns[VSD_OPS];
+    uint64_t lat[VSD_OPS][VSD_HIST_BUCKETS];
+};
+
+struct vsd_stats {
+    struct vsd_qstats q;
+    struct vsd_lunstats luns[VSD_MAX_LUNS];   /* by LUN slot */
 };
 
 struct vsd_uring;
@@ -71,9 +111,11 @@ struct vsd_queue {
     struct vsd_region regions[VSD_MAX_REGIONS];
     int nregions;
     int last_region;                /* where the previous translation hit */
-    /* LUNs (by single-level LUN number) */
+    /* LUNs by slot; lunmap[target * VSD_TARGET_LUNS + lun] is slot + 1 (0: none).
+     * Without a map (NULL), target 0's LUN n is slot n, below nluns. */
     struct vsd_lun luns[VSD_MAX_LUNS];
     int nluns;
+    uint16_t *lunmap;
     uint32_t cdb_size;
     uint32_t sense_size;
     /* inflight region of this queue (16-byte header + 16 bytes per descriptor), or NULL */
@@ -91,12 +133,11 @@ struct vsd_queue {
     /* asynchronous I/O */
     struct vsd_uring *uring;
     uint32_t in_flight;
-    /* statistics */
-    uint64_t st_fast, st_slow, st_bytes_in, st_bytes_out, st_calls, st_batches, st_async;
-    uint64_t st_max_in_flight, st_nowait_miss, st_write_blocked, st_unaligned;
+    /* statistics (never NULL) */
+    struct vsd_stats *st;
+    uint32_t lat_every, lat_tick;   /* time one fast-path request in lat_every (0: none) */
     /* adaptive busy polling (vsd_serve) */
     uint64_t poll_ns, poll_max_ns;
-    uint64_t st_poll_hits, st_kicks;
 };
 
 /* the data path */
@@ -113,6 +154,12 @@ int vsd_serve(struct vsd_queue *q, int epfd, int kick_fd, int uring_fd, int time
 struct vsd_uring *vsd_uring_new(unsigned entries, int event_fd, unsigned nheads, int *err);
 void vsd_uring_free(struct vsd_uring *u);
 int vsd_uring_pending(struct vsd_queue *q);
+
+/* statistics and unit attentions */
+unsigned vsd_hist_bucket(uint64_t ns);
+uint64_t vsd_hist_lower_us(unsigned bucket);
+int vsd_ua_take(uint8_t *ua, int n);
+uint64_t vsd_now_ns(void);
 
 /* timers for the reference path (ns resolution) */
 int vsd_timerfd_create(void);

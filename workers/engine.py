@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 
+from vscsid import lunstate
 from vscsid.config import LunSpec
 from vscsid.virtio.inflight import InflightQueue
 from vscsid.virtio.memory import GuestMemory
@@ -87,8 +88,23 @@ class Engine:
     def set_params(self, cdb_size: int, sense_size: int) -> None:
         pass
 
-    def set_lun(self, number: int, spec: LunSpec) -> None:
-        """A LUN's spec changed at run time (its injections): which path serves it."""
+    # ------------------------------------------------------------------ LUN table
+    # (the C engine keeps its own copy of the worker's LUN table; the reference
+    # engine reads the worker's)
+    def set_lun(self, slot: int, lun) -> None:
+        """Serve a LUN (a worker.LunRef) from now on, or apply what changed in it (its
+        size, its spec's injections: which path serves it)."""
+
+    def clear_lun(self, slot: int, lun) -> None:
+        """Stop serving a LUN: its requests go to the reference path, which answers
+        them as a missing LUN's."""
+
+    def set_fast(self, slot: int, on: bool) -> None:
+        """Let the fast path serve the LUN (False: every request of it takes the
+        reference path, e.g. while it is traced)."""
+
+    def release_map(self, slot: int) -> None:
+        """Let go of the LUN's memory-file mapping (it is about to change size)."""
 
     def stats(self) -> dict:
         return {}
@@ -100,13 +116,15 @@ class Engine:
 class PyEngine(Engine):
     """The reference: pops heads for the worker's reference path, publishes, signals."""
 
-    def __init__(self, queue: SplitQueue, inflight: InflightQueue | None, call_fd: int):
+    def __init__(self, queue: SplitQueue, inflight: InflightQueue | None, call_fd: int,
+                 stats=None):
         self.queue = queue
         self.inflight = inflight
         self.call_fd = call_fd
         self.broken = None
         self.more = False
         self.st = {"requests": 0, "batches": 0}
+        self.shared = stats        # struct vsd_stats * (the queue's counters), or None
 
     def run(self, budget: int) -> list[int]:
         q = self.queue
@@ -138,6 +156,9 @@ class PyEngine(Engine):
         if heads:
             self.st["requests"] += len(heads)
             self.st["batches"] += 1
+            if self.shared is not None:
+                self.shared.q.slow += len(heads)
+                self.shared.q.batches += 1
         return heads
 
     def _got(self, heads: list[int]) -> None:
@@ -150,7 +171,10 @@ class PyEngine(Engine):
         return self.queue.claim(head)
 
     def resubmit(self, heads: list[int]) -> list[int]:
-        return [h for h in heads if self.queue.claim(h)]
+        claimed = [h for h in heads if self.queue.claim(h)]
+        if self.shared is not None:
+            self.shared.q.slow += len(claimed)
+        return claimed
 
     def push(self, head: int, written: int) -> bool:
         return self.queue.push(head, written)
@@ -176,6 +200,10 @@ class PyEngine(Engine):
 
     def stats(self) -> dict:
         return dict(self.st)
+
+
+_QSTATS = ("fast", "slow", "bytes_in", "bytes_out", "calls", "batches", "async",
+           "max_in_flight", "poll_hits", "kicks", "nowait_miss", "write_blocked", "unaligned")
 
 
 def lun_flags(spec: LunSpec, uring: bool) -> int:
@@ -221,9 +249,13 @@ class CEngine(Engine):
     memory regions, the LUN table and the inflight region, all of them buffers this
     process already mapped."""
 
-    def __init__(self, *, queue: SplitQueue, mem: GuestMemory, luns: dict, specs: dict,
-                 state_page, cdb_size: int, sense_size: int, inflight: InflightQueue | None,
-                 call_fd: int, poll_us: int = 0, log=None):
+    def __init__(self, *, queue: SplitQueue, mem: GuestMemory, luns: dict, state_page,
+                 cdb_size: int, sense_size: int, inflight: InflightQueue | None,
+                 call_fd: int, poll_us: int = 0, log=None, stats=None, latency_sample: int = 1,
+                 slow: frozenset = frozenset()):
+        """``luns``: slot -> worker.LunRef; ``stats``: the queue's struct vsd_stats (its
+        shared page; a private one when None); ``slow``: slots the fast path leaves to
+        the reference path (traced LUNs)."""
         self._pins = []
         self.queue = queue
         self.inflight = inflight
@@ -267,45 +299,31 @@ class CEngine(Engine):
         self.uring = None
         self.completion_fd = -1
         self.uring_error = None
-        use_uring = any(wants_uring(s) for s in specs.values())
+        use_uring = any(wants_uring(r.spec) for r in luns.values())
         if use_uring:
             self._setup_uring(size)
             if self.uring is None and log is not None:
                 log.warning("io_uring_unavailable", error=self.uring_error,
                             fallback="synchronous I/O; injected latency served by timers")
+        # Statistics: the worker's shared page (or a private one).
+        self._stats_keep = None
+        if stats is None:
+            stats = self._stats_keep = ffi.new("struct vsd_stats *")
+        q.st = stats
+        self._base = {k: int(getattr(stats.q, k)) for k in _QSTATS}
+        q.lat_every = max(0, int(latency_sample))
+        q.lat_tick = 0
+        self._lunmap = ffi.new("uint16_t[]", lib.VSD_MAX_TARGETS * lib.VSD_TARGET_LUNS)
+        q.lunmap = self._lunmap
+        self.state_page = state_page
+        self.log = log
+        self._state_pins: dict[int, tuple] = {}
+        self._map_pins: dict[int, object] = {}
+        self._fast_by_spec: dict[int, bool] = {}
+        self.slow = set(slow)
         q.nluns = 0
-        for number, disk in luns.items():
-            if number >= lib.VSD_MAX_LUNS:
-                continue
-            spec = specs[number]
-            entry = q.luns[number]
-            entry.fd = -1 if spec.is_null else getattr(disk.backend, "fd", -1)
-            entry.flags = lun_flags(spec, self.uring is not None)
-            entry.block_size = disk.info.block_size
-            entry.block_shift = disk.info.block_size.bit_length() - 1
-            entry.num_blocks = disk.info.num_blocks
-            entry.max_transfer_bytes = disk.info.max_transfer_bytes
-            entry.delay_ns = spec.delay_us * 1000
-            entry.state = (self._pin(memoryview(state_page)[number:number + 1])
-                           if state_page is not None else ffi.NULL)
-            entry.dio_align = getattr(disk.backend, "dio_align", 1)
-            entry.mem_align = getattr(disk.backend, "mem_align", 1)
-            entry.buffered_fd = -1
-            if spec.direct and not spec.is_null:
-                try:
-                    entry.buffered_fd = disk.backend.buffered_fd
-                except OSError as exc:
-                    if log is not None:
-                        log.warning("buffered_fd_unavailable", lun=number, error=str(exc),
-                                    effect="unaligned O_DIRECT requests take the reference path")
-            entry.write_async_until = 0
-            entry.map = ffi.NULL
-            mapping = getattr(disk.backend, "memory_map", lambda: None)()
-            if mapping is not None and len(mapping) >= disk.info.num_blocks * disk.info.block_size:
-                p = ffi.from_buffer("uint8_t[]", mapping)
-                self._pins.append(p)
-                entry.map = p
-            q.nluns = max(q.nluns, number + 1)
+        for slot, lun in luns.items():
+            self.set_lun(slot, lun)
 
     def _pin(self, buf):
         p = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
@@ -394,19 +412,109 @@ class CEngine(Engine):
         self.q.cdb_size = cdb_size
         self.q.sense_size = sense_size
 
-    def set_lun(self, number: int, spec: LunSpec) -> None:
-        if 0 <= number < lib.VSD_MAX_LUNS and self.q.luns[number].flags & lib.LUN_PRESENT:
-            self.q.luns[number].flags = lun_flags(spec, self.uring is not None)
+    # ------------------------------------------------------------------ LUN table
+    def set_lun(self, slot: int, lun) -> None:
+        """``lun``: a worker.LunRef (disk, spec, target, number)."""
+        if not 0 <= slot < lib.VSD_MAX_LUNS:
+            return
+        q = self.q
+        disk, spec = lun.disk, lun.spec
+        entry = q.luns[slot]
+        new = not entry.flags & lib.LUN_PRESENT
+        entry.fd = -1 if spec.is_null else getattr(disk.backend, "fd", -1)
+        flags = lun_flags(spec, self.uring is not None)
+        self._fast_by_spec[slot] = bool(flags & lib.LUN_FAST)
+        if slot in self.slow:
+            flags &= ~lib.LUN_FAST
+        entry.flags = flags
+        entry.block_size = disk.info.block_size
+        entry.block_shift = disk.info.block_size.bit_length() - 1
+        entry.num_blocks = disk.num_blocks
+        entry.max_transfer_bytes = disk.info.max_transfer_bytes
+        entry.delay_ns = spec.delay_us * 1000
+        if self.state_page is not None:
+            if slot not in self._state_pins:
+                mode = lunstate.mode_offset(slot)
+                ua = lunstate.ua_offset(slot)
+                self._state_pins[slot] = (
+                    self._pin(memoryview(self.state_page)[mode:mode + 1]),
+                    self._pin(memoryview(self.state_page)[ua:ua + lunstate.UA_KINDS]))
+            state, ua = self._state_pins[slot]
+            entry.state = state
+            entry.ua = ffi.cast("uint32_t *", ua)
+        else:
+            entry.state = ffi.NULL
+            entry.ua = ffi.NULL
+        entry.dio_align = getattr(disk.backend, "dio_align", 1)
+        entry.mem_align = getattr(disk.backend, "mem_align", 1)
+        if new:
+            entry.buffered_fd = -1
+            if spec.direct and not spec.is_null:
+                try:
+                    entry.buffered_fd = disk.backend.buffered_fd
+                except OSError as exc:
+                    if self.log is not None:
+                        self.log.warning("buffered_fd_unavailable", lun=slot, error=str(exc),
+                                         effect="unaligned O_DIRECT requests take the "
+                                                "reference path")
+            entry.write_async_until = 0
+        if slot not in self._map_pins:
+            entry.map = ffi.NULL
+            mapping = getattr(disk.backend, "memory_map", lambda: None)()
+            if mapping is not None and len(mapping) >= disk.num_blocks * disk.info.block_size:
+                p = ffi.from_buffer("uint8_t[]", mapping)
+                self._map_pins[slot] = p
+                entry.map = p
+        if lun.number < lib.VSD_TARGET_LUNS and 0 <= lun.target < lib.VSD_MAX_TARGETS:
+            self._lunmap[lun.target * lib.VSD_TARGET_LUNS + lun.number] = slot + 1
+        q.nluns = max(q.nluns, slot + 1)
+
+    def clear_lun(self, slot: int, lun) -> None:
+        if not 0 <= slot < lib.VSD_MAX_LUNS:
+            return
+        if lun.number < lib.VSD_TARGET_LUNS and 0 <= lun.target < lib.VSD_MAX_TARGETS:
+            i = lun.target * lib.VSD_TARGET_LUNS + lun.number
+            if self._lunmap[i] == slot + 1:
+                self._lunmap[i] = 0
+        self.q.luns[slot].flags = 0
+        # (I/O in flight keeps its own copy of the fd and buffers; the worker closes
+        # the backend only once the LUN has nothing in flight)
+        self.release_map(slot)
+
+    def set_fast(self, slot: int, on: bool) -> None:
+        """Traced LUNs leave the fast path (LUN_FAST cleared); back when the trace ends
+        (unless the LUN never had it: network LUNs, injections)."""
+        if on:
+            self.slow.discard(slot)
+        else:
+            self.slow.add(slot)
+        if 0 <= slot < lib.VSD_MAX_LUNS:
+            entry = self.q.luns[slot]
+            if entry.flags & lib.LUN_PRESENT:
+                if not on:
+                    entry.flags &= ~lib.LUN_FAST
+                elif self._fast_by_spec.get(slot):
+                    entry.flags |= lib.LUN_FAST
+
+    def release_map(self, slot: int) -> None:
+        p = self._map_pins.pop(slot, None)
+        if p is not None:
+            self.q.luns[slot].map = ffi.NULL
+            ffi.release(p)
 
     def stats(self) -> dict:
-        q = self.q
-        return {"fast": q.st_fast, "slow": q.st_slow, "async": q.st_async,
-                "c_bytes_in": q.st_bytes_in, "c_bytes_out": q.st_bytes_out,
-                "c_calls": q.st_calls, "c_batches": q.st_batches,
-                "c_max_in_flight": q.st_max_in_flight, "poll_hits": q.st_poll_hits,
-                "c_kicks": q.st_kicks, "requests": q.st_fast + q.st_slow,
-                "nowait_misses": q.st_nowait_miss, "writes_blocked": q.st_write_blocked,
-                "unaligned_direct": q.st_unaligned}
+        """The counters since this engine started (the shared page goes on counting
+        across engines and workers: this is the difference since the start)."""
+        st = self.q.st.q
+        now = {k: int(getattr(st, k)) for k in _QSTATS}
+        d = {k: now[k] - self._base[k] for k in _QSTATS}
+        return {"fast": d["fast"], "slow": d["slow"], "async": d["async"],
+                "c_bytes_in": d["bytes_in"], "c_bytes_out": d["bytes_out"],
+                "c_calls": d["calls"], "c_batches": d["batches"],
+                "c_max_in_flight": now["max_in_flight"], "poll_hits": d["poll_hits"],
+                "c_kicks": d["kicks"], "requests": d["fast"] + d["slow"],
+                "nowait_misses": d["nowait_miss"], "writes_blocked": d["write_blocked"],
+                "unaligned_direct": d["unaligned"]}
 
     def close(self) -> None:
         """Hand the ring's state back to the SplitQueue and inflight region, release
@@ -425,3 +533,5 @@ class CEngine(Engine):
         for p in self._pins:
             ffi.release(p)
         self._pins = []
+        for slot in list(self._map_pins):
+            self.release_map(slot)

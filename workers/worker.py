@@ -42,6 +42,7 @@ import time
 from typing import Any
 
 from vscsid import log as vlog
+from vscsid import lunstate
 from vscsid import messages as M
 from vscsid.config import LunSpec
 from vscsid.inject import InjectError, Injector
@@ -50,17 +51,24 @@ from vscsid.virtio.memory import (
     GuestMemory, GuestMemoryError, RegionSpec, fault_count, guard_mapping, unguard_mapping,
 )
 from vscsid.virtio.scsi_wire import (
-    LUN_BAD_TARGET, REQ_HDR, REQ_HDR_SIZE, RESP_HDR, RESP_HDR_SIZE, VIRTIO_SCSI_CDB_DEFAULT_SIZE,
+    REQ_HDR, REQ_HDR_SIZE, RESP_HDR, RESP_HDR_SIZE, RESPONSE_NAMES, VIRTIO_SCSI_CDB_DEFAULT_SIZE,
     VIRTIO_SCSI_S_ABORTED, VIRTIO_SCSI_S_BAD_TARGET, VIRTIO_SCSI_S_FAILURE, VIRTIO_SCSI_S_OK,
     VIRTIO_SCSI_S_OVERRUN, VIRTIO_SCSI_S_RESET,
-    VIRTIO_SCSI_SENSE_DEFAULT_SIZE, decode_lun, gather, scatter, split_views,
+    VIRTIO_SCSI_SENSE_DEFAULT_SIZE, decode_address, gather, scatter, split_views,
 )
 from vscsid.virtio.splitq import ChainError, RingError, SplitQueue
 
+from ._fast import ffi, lib
 from .engine import CEngine, Engine, PyEngine
 from .scsi import ScsiResult, SGList
-from .scsi.sense import INTERNAL_TARGET_FAILURE, UNRECOVERED_READ_ERROR, WRITE_ERROR
+from .scsi.cdb import describe_cdb, op_class
+from .scsi.constants import Status
+from .scsi.sense import (
+    INTERNAL_TARGET_FAILURE, UNRECOVERED_READ_ERROR, WRITE_ERROR, describe_sense, parse_sense,
+)
 from .scsi.target import run_ios
+from .stats import StatsPage
+from .stats import layout as stats_layout
 from .timers import Timers
 
 BATCH_LIMIT = 1024   # requests per pass before the control channel gets a look
@@ -96,13 +104,54 @@ def _fault_sense(fault: str, op: str):
     return UNRECOVERED_READ_ERROR if op in ("read", "verify") else WRITE_ERROR
 
 
+#: trace records a worker keeps for the supervisor before it drops (and counts) more
+TRACE_BUFFER = 4096
+#: records per TraceRecords message
+TRACE_BATCH = 256
+
+
+class LunRef:
+    """One LUN this worker serves: its slot, address, spec and Disk."""
+
+    __slots__ = ("slot", "target", "number", "spec", "disk", "removing")
+
+    def __init__(self, slot, target, number, spec, disk):
+        self.slot = slot
+        self.target = target
+        self.number = number
+        self.spec = spec
+        self.disk = disk
+        self.removing = False
+
+
+class Req:
+    """What a request's completion is counted and traced by: its LUN's slot (-1: no
+    LUN), address, operation class, start time (0: not timed) and CDB."""
+
+    __slots__ = ("slot", "target", "lun", "op", "t0", "cdb", "traced")
+
+    def __init__(self, slot, target, lun, op, t0, cdb, traced):
+        self.slot = slot
+        self.target = target
+        self.lun = lun
+        self.op = op
+        self.t0 = t0
+        self.cdb = cdb
+        self.traced = traced
+
+
 class Pending:
     """A request whose I/O is in flight (completes later, possibly out of order)."""
 
     __slots__ = ("head", "plan", "in_", "in_data_len", "out_data_len", "resp_len", "lun", "tag",
-                 "steps", "gen", "abort")
+                 "steps", "gen", "abort", "req", "target", "slot", "held")
 
-    def __init__(self, head, plan, in_, in_data_len, out_data_len, resp_len, lun, tag):
+    def __init__(self, head, plan, in_, in_data_len, out_data_len, resp_len, lun, tag,
+                 req: Req | None = None, target: int = 0):
+        self.req = req
+        self.target = target
+        self.slot = req.slot if req is not None else -1
+        self.held = False          # counted in its LUN's in-flight gauge (Worker._hold)
         self.steps = None          # the slices still to run (IoPlan.steps) of a long command
         self.gen = None            # its backend operations (IoPlan.ios) on an asynchronous backend
         self.abort = None          # a TMF aborted it: the virtio-scsi response it completes with
@@ -136,11 +185,22 @@ class Worker:
         self.broken = False
         self.more = False
         self.running = True
-        self.target = None
-        self.luns: dict[int, Any] = {}
-        self.lun_specs: dict[int, LunSpec] = {}
-        self.delays: dict[int, float] = {}     # lun -> injected latency (seconds)
+        self.targets: dict[int, Any] = {}      # target id -> ScsiTarget
+        self._no_target = None                 # a target without LUNs (internal failures)
+        self.luns: dict[int, LunRef] = {}      # slot -> LUN
+        self.by_address: dict[tuple[int, int], LunRef] = {}
+        self.delays: dict[int, float] = {}     # slot -> injected latency (seconds)
+        self.queues = 1
         self.state_mm: mmap.mmap | None = None
+        self._state_buf = None                 # cffi view of the state page (atomics)
+        self.page = StatsPage(None)            # replaced by the supervisor's page
+        self.latency_sample = 1
+        self._lat_tick = 0
+        self.waiting: list[tuple[M.Request, int, str]] = []   # (request, slot, action)
+        self.trace_all = False
+        self.trace_slots: set[int] = set()
+        self.trace_buf: collections.deque = collections.deque()
+        self.trace_dropped = 0
         self.engine_kind = "python"
         self.poll_us = 0
         self.cdb_size = VIRTIO_SCSI_CDB_DEFAULT_SIZE
@@ -157,9 +217,9 @@ class Worker:
         self._faults = fault_count()
         self.epoll.register(self.timers.fd, select.EPOLLIN)
         # Network LUNs and fault injection (the reference path only).
-        self.special: set[int] = set()         # LUNs that need _execute_special
-        self.injectors: dict[int, Injector] = {}
-        self.net: dict[int, Any] = {}          # lun -> asynchronous backend
+        self.special: set[int] = set()         # slots of the LUNs that need _execute_special
+        self.injectors: dict[int, Injector] = {}   # slot -> its fault injection
+        self.net: dict[int, Any] = {}          # slot -> asynchronous backend
         self.net_fds: dict[int, Any] = {}      # fd registered in epoll -> its backend
         self.net_pending: set[Pending] = set()  # I/O out in an asynchronous backend
         self.hung: list[Pending] = []          # injected commands that never complete
@@ -188,7 +248,7 @@ class Worker:
             if self.ticker:
                 self.ticker.arm()
             if (self._can_process() and not self.timers and not self.resubmit
-                    and not self.poisoned and not self.long_ops):
+                    and not self.poisoned and not self.long_ops and not self.waiting):
                 slow = self.eng.serve(self.epoll.fileno(), self.kick_fd,
                                       0 if self.more else 1000, BATCH_LIMIT)
                 if slow is not None:
@@ -206,6 +266,8 @@ class Worker:
                 # The timerfd (ns resolution) wakes us; epoll's own timeout is in ms.
                 self.timers.arm()
                 timeout = 1.0
+            elif self.waiting:
+                timeout = 0.01    # a LUN removal waits for its requests in flight
             else:
                 timeout = 1.0
             try:
@@ -249,6 +311,10 @@ class Worker:
             elif kicked and self._finishing():
                 self._finish_pass(self.eng.run(0))
             self._flush()
+            if self.waiting:
+                self._check_waiting()
+            if self.trace_buf:
+                self._send_trace()
             if fault_count() != self._faults:
                 self._memory_fault()
         return 0
@@ -324,11 +390,14 @@ class Worker:
             if chain.out_len >= hdr_len and chain.in_len >= resp_len:
                 hdr = gather(chain.out, hdr_len)
                 lun_bytes, tag, _attr, _prio, _crn = REQ_HDR.unpack_from(hdr, 0)
-                lun = decode_lun(lun_bytes)
-                info = {"lun": lun, "tag": tag, "cdb": hdr[REQ_HDR_SIZE:].hex()}
-                res = self.target.internal_failure(lun)
+                target_id, lun = decode_address(lun_bytes)
+                info = {"target": target_id, "lun": lun, "tag": tag,
+                        "cdb": hdr[REQ_HDR_SIZE:].hex()}
+                t = self.targets.get(target_id) or self._no_target
+                res = t.internal_failure(lun)
+                req = self._req(target_id, lun, hdr[REQ_HDR_SIZE:])
                 written = self._result(res, chain.in_, chain.in_len - resp_len,
-                                       chain.out_len - hdr_len, resp_len)
+                                       chain.out_len - hdr_len, resp_len, req)
             elif chain.in_len >= RESP_HDR_SIZE:
                 self._respond(chain.in_, 0, 0, 0, VIRTIO_SCSI_S_FAILURE, b"")
                 written = RESP_HDR_SIZE
@@ -381,29 +450,39 @@ class Worker:
         if _POISON:
             self._test_poison(hdr[REQ_HDR_SIZE])
         lun_bytes, tag, _attr, _prio, _crn = REQ_HDR.unpack_from(hdr, 0)
-        lun = decode_lun(lun_bytes)
+        target_id, lun = decode_address(lun_bytes)
         out_data_len = chain.out_len - hdr_len
         in_data_len = chain.in_len - resp_len
-        if lun == LUN_BAD_TARGET:
+        target = self.targets.get(target_id)
+        cdb = hdr[REQ_HDR_SIZE:]
+        req = self._req(target_id, lun, cdb)
+        if target is None:
             self.stats["bad_target"] += 1
             self._respond(in_, 0, in_data_len or out_data_len, 0, VIRTIO_SCSI_S_BAD_TARGET, b"")
+            if req.traced:
+                self._trace(req, VIRTIO_SCSI_S_BAD_TARGET, 0, b"", 0, 0)
             return resp_len
         if out_data_len and in_data_len:
             # Bidirectional commands need VIRTIO_SCSI_F_INOUT, which we do not offer.
             self.stats["failed"] += 1
             self._guest_warning("bidirectional_request", head=chain.head, lun=lun)
             self._respond(in_, 0, in_data_len, 0, VIRTIO_SCSI_S_FAILURE, b"")
+            self._count(req, VIRTIO_SCSI_S_FAILURE, 0, b"", 0, 0)
             return resp_len
         data_out = SGList(split_views(chain.out, hdr_len) if out_data_len else [])
         data_in = SGList(split_views(in_, resp_len) if in_data_len else [])
-        plan = self.target.plan(lun, hdr[REQ_HDR_SIZE:], data_out, data_in, task_tag=tag)
+        plan = target.plan(lun, cdb, data_out, data_in, task_tag=tag)
         if type(plan) is not ScsiResult:
-            if lun in self.special:
+            slot = req.slot
+            if slot in self.special:
                 return self._execute_special(
-                    Pending(chain.head, plan, in_, in_data_len, out_data_len, resp_len, lun, tag))
-            delay = self.delays.get(lun)
+                    Pending(chain.head, plan, in_, in_data_len, out_data_len, resp_len, lun, tag,
+                            req, target_id))
+            delay = self.delays.get(slot)
             if delay or plan.sliced:
-                p = Pending(chain.head, plan, in_, in_data_len, out_data_len, resp_len, lun, tag)
+                p = Pending(chain.head, plan, in_, in_data_len, out_data_len, resp_len, lun, tag,
+                            req, target_id)
+                self._hold(p)
                 if delay:
                     self.timers.add(delay, p)
                 else:
@@ -416,14 +495,44 @@ class Worker:
             except Exception as exc:  # OSError from the backend, Miscompare from VERIFY
                 n = exc
             plan = plan.finish(n)
-        return self._result(plan, in_, in_data_len, out_data_len, resp_len)
+        return self._result(plan, in_, in_data_len, out_data_len, resp_len, req)
+
+    def _req(self, target_id: int, lun: int, cdb) -> Req:
+        ref = self.by_address.get((target_id, lun))
+        slot = ref.slot if ref is not None and not ref.removing else -1
+        t0 = 0
+        every = self.latency_sample
+        if every:
+            self._lat_tick += 1
+            if self._lat_tick >= every:
+                self._lat_tick = 0
+                t0 = time.monotonic_ns()
+        traced = self.trace_all or (slot >= 0 and slot in self.trace_slots)
+        if traced and not t0:
+            t0 = time.monotonic_ns()
+        return Req(slot, target_id, lun, op_class(cdb[0]) if len(cdb) else 2, t0, cdb, traced)
+
+    def _hold(self, p: Pending) -> None:
+        """``p`` stays in flight: it counts in its LUN's in-flight gauge (shared with
+        the C engine's own I/O in the statistics page) until it completes (_release);
+        a LUN removal waits for that gauge to drop to 0."""
+        if not p.held and p.slot >= 0:
+            p.held = True
+            self.page.lun(p.slot).in_flight += 1
+
+    def _release(self, p: Pending) -> None:
+        if p.held:
+            p.held = False
+            ls = self.page.lun(p.slot)
+            if ls.in_flight:
+                ls.in_flight -= 1
 
     # ------------------------------------------------------------------ network LUNs, injection
     def _execute_special(self, p: Pending) -> int | None:
         """A data-path command on a network LUN or a LUN with injected faults."""
         plan = p.plan
-        delay = self.delays.get(p.lun, 0.0)
-        inj = self.injectors.get(p.lun)
+        delay = self.delays.get(p.slot, 0.0)
+        inj = self.injectors.get(p.slot)
         if inj is not None:
             d = inj.decide(plan.op, plan.extents())
             if d is not None:
@@ -431,16 +540,18 @@ class Worker:
                 delay += d.delay
                 if d.fault == "hang":
                     self.stats["hung"] += 1
-                    self.glog.warning("fault_injected", fault="hang", lun=p.lun, tag=p.tag,
-                                      op=plan.op, lba=plan.lba, blocks=plan.nblocks)
+                    self.glog.warning("fault_injected", fault="hang", lun=f"{p.target}:{p.lun}",
+                                      tag=p.tag, op=plan.op, lba=plan.lba, blocks=plan.nblocks)
+                    self._hold(p)
                     self.hung.append(p)
                     self._note_inflight()
                     return None
                 if d.fault is not None:
-                    self.glog.warning("fault_injected", fault=d.fault, lun=p.lun, tag=p.tag,
-                                      op=plan.op, lba=d.lba)
+                    self.glog.warning("fault_injected", fault=d.fault, lun=f"{p.target}:{p.lun}",
+                                      tag=p.tag, op=plan.op, lba=d.lba)
                     p.gen = plan.faulty_ios(_fault_sense(d.fault, plan.op), d.lba)
         if delay:
+            self._hold(p)
             self.timers.add(delay, p)
             self._note_inflight()
             return None
@@ -459,6 +570,7 @@ class Worker:
         if getattr(backend, "asynchronous", False):
             if p.gen is None:
                 p.gen = plan.ios()
+            self._hold(p)
             self.net_pending.add(p)
             self._note_inflight()
             self._net_advance(p, None)
@@ -469,6 +581,7 @@ class Worker:
             except Exception as exc:  # the injected fault, or the backend's OSError
                 n = exc
         elif plan.sliced:
+            self._hold(p)
             self._start_long(p)
             return None
         else:
@@ -477,7 +590,8 @@ class Worker:
             except Exception as exc:
                 n = exc
         res = plan.finish(n)
-        return self._result(res, p.in_, p.in_data_len, p.out_data_len, p.resp_len)
+        self._release(p)
+        return self._result(res, p.in_, p.in_data_len, p.out_data_len, p.resp_len, p.req)
 
     def _net_advance(self, p: Pending, result) -> None:
         """Feed the last backend operation's result into the request's IoPlan.ios()
@@ -579,12 +693,14 @@ class Worker:
         return True
 
     def _result(self, res: ScsiResult, in_, in_data_len: int, out_data_len: int,
-                resp_len: int) -> int:
+                resp_len: int, req: Req | None = None) -> int:
         sense = res.sense[:self.sense_size]
         if res.status:
             self.stats["check_condition"] += 1
         if res.overrun:
             self._respond(in_, 0, in_data_len or out_data_len, 0, VIRTIO_SCSI_S_OVERRUN, b"")
+            if req is not None:
+                self._count(req, VIRTIO_SCSI_S_OVERRUN, 0, b"", 0, 0)
             return resp_len
         if in_data_len:
             residual = in_data_len - res.data_in_len
@@ -593,7 +709,73 @@ class Worker:
             residual = out_data_len - res.data_out_len
             self.stats["bytes_out"] += res.data_out_len
         self._respond(in_, len(sense), residual, res.status, VIRTIO_SCSI_S_OK, sense)
+        if req is not None:
+            self._count(req, VIRTIO_SCSI_S_OK, res.status, sense, res.data_in_len,
+                        res.data_out_len)
         return resp_len + res.data_in_len
+
+    def _count(self, req: Req, response: int, status: int, sense, data_in: int,
+               data_out: int) -> None:
+        """Statistics (and the trace) of one request the reference path completed."""
+        latency = time.monotonic_ns() - req.t0 if req.t0 else None
+        if req.slot >= 0:
+            key = None
+            if status == Status.CHECK_CONDITION:
+                try:
+                    key = parse_sense(bytes(sense))[0]
+                except ValueError:
+                    key = 0
+            self.page.count(req.slot, req.op, data_in, data_out, key,
+                            response != VIRTIO_SCSI_S_OK, latency)
+        if req.traced:
+            self._trace(req, response, status, sense, data_in, data_out, latency)
+
+    # ------------------------------------------------------------------ trace
+    def _trace(self, req: Req, response: int, status: int, sense, data_in: int, data_out: int,
+               latency: int | None = None) -> None:
+        if latency is None and req.t0:
+            latency = time.monotonic_ns() - req.t0
+        if len(self.trace_buf) >= TRACE_BUFFER:
+            self.trace_dropped += 1
+            return
+        name, lba, blocks = describe_cdb(req.cdb)
+        sense_text = None
+        if status == Status.CHECK_CONDITION:
+            try:
+                sense_text = describe_sense(*parse_sense(bytes(sense)))
+            except ValueError:
+                sense_text = f"sense {bytes(sense).hex()}"
+        try:
+            status_text = Status(status).name.replace("_", " ")
+        except ValueError:
+            status_text = f"{status:#04x}"
+        self.trace_buf.append({
+            "time": time.time(), "target": req.target, "lun": req.lun, "op": name,
+            "cdb": bytes(req.cdb).rstrip(b"\0").hex() or "00", "lba": lba, "blocks": blocks,
+            "response": RESPONSE_NAMES.get(response, str(response)),
+            "status": status_text if response == VIRTIO_SCSI_S_OK else None,
+            "sense": sense_text, "data_in": data_in, "data_out": data_out,
+            "latency_us": round(latency / 1000, 1) if latency is not None else None})
+
+    def _send_trace(self) -> None:
+        """Hand the trace records to the supervisor, without ever blocking: when its
+        socket is full they wait here, and beyond TRACE_BUFFER they are dropped and
+        counted."""
+        while self.trace_buf:
+            n = min(TRACE_BATCH, len(self.trace_buf))
+            batch = [self.trace_buf[i] for i in range(n)]
+            msg = M.TraceRecords(records=batch, dropped=self.trace_dropped)
+            try:
+                M.send(self.chan, msg, flags=socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.log.error("control_send_failed", error=str(exc))
+                self.running = False
+                return
+            self.trace_dropped = 0
+            for _ in range(n):
+                self.trace_buf.popleft()
 
     def _test_poison(self, opcode: int) -> None:
         action = _POISON.get(opcode)
@@ -608,6 +790,7 @@ class Worker:
     def _start_long(self, p: Pending) -> None:
         """A command that loops over the medium: run it a slice at a time between
         the loop's other work (see IoPlan.steps)."""
+        self._hold(p)
         p.steps = p.plan.steps()
         self.long_ops.append(p)
 
@@ -627,14 +810,17 @@ class Worker:
 
     def _finish(self, p: Pending, result) -> None:
         self.net_pending.discard(p)
+        self._release(p)
         if p.abort is not None:
             # Aborted by a TMF (virtio-scsi: VIRTIO_SCSI_S_ABORTED, or _RESET for a reset).
             self._respond(p.in_, 0, p.in_data_len or p.out_data_len, 0, p.abort, b"")
+            if p.req is not None:
+                self._count(p.req, p.abort, 0, b"", 0, 0)
             self._complete(p.head, p.resp_len)
         else:
             res = p.plan.finish(result)
             self._complete(p.head, self._result(res, p.in_, p.in_data_len, p.out_data_len,
-                                                p.resp_len))
+                                                p.resp_len, p.req))
         if self.tmfs:
             self._tmf_progress(p)
 
@@ -810,83 +996,125 @@ class Worker:
         return self.running
 
     def on_configure(self, msg: M.Configure) -> None:
-        from .scsi import Disk, DiskInfo, LunState, ScsiTarget
+        from .scsi import ScsiTarget
 
         self.engine_kind = msg.engine
         self.poll_us = msg.poll_us
         self.cdb_size = msg.cdb_size
         self.sense_size = msg.sense_size
+        self.queues = msg.queues
+        self.latency_sample = max(0, int(msg.latency_sample))
         if msg.state_page is not None:
             try:
-                self.state_mm = mmap.mmap(msg.state_page, mmap.PAGESIZE, mmap.MAP_SHARED,
+                self.state_mm = mmap.mmap(msg.state_page, lunstate.PAGE_SIZE, mmap.MAP_SHARED,
                                           mmap.PROT_READ | mmap.PROT_WRITE)
             finally:
                 os.close(msg.state_page)
-        luns = {}
-        delays = {}
-        net = {}
-        injectors = {}
-        reports = []
-        try:
-            for entry, fd in zip(msg.lun_entries(), msg.lun_fds):
-                spec = LunSpec.from_dict(entry.spec)
-                number = int(entry.lun)
-                # Injected latency is served by the worker's timers (the I/O stays in
-                # flight), not by sleeping in the backend.
-                backend = _make_backend(spec, -1 if fd is None else fd, queues=msg.queues,
-                                        facts=entry.facts, log=self.log.bind(lun=number))
-                if spec.delay_us:
-                    delays[number] = spec.delay_us / 1e6
-                info = DiskInfo(**entry.info)
-                if getattr(backend, "asynchronous", False):
-                    net[number] = backend
-                    if not info.num_blocks:
-                        # The first worker to reach the server: the LUN's identity follows
-                        # what the server advertises, and the supervisor keeps it.
-                        info = dataclasses.replace(info, **backend.disk_overrides(info))
-                    reports.append({"lun": number, "info": dataclasses.asdict(info),
-                                    "facts": backend.facts()})
-                    self.log.info("network_lun", lun=number, **backend.describe())
-                if spec.inject:
-                    injectors[number] = Injector.from_text(spec.inject)
-                state = (LunState.from_buffer(memoryview(self.state_mm)[number:number + 1])
-                         if self.state_mm is not None else LunState(wce=not spec.writethrough))
-                luns[number] = Disk(info, backend, state=state, log=self.glog.bind(lun=number))
-                self.lun_specs[number] = spec
-        except OSError as exc:
-            # A server that cannot be reached, a library that is not installed: the
-            # supervisor reports it (no traceback: nothing here is a bug).
-            for b in net.values():
-                b.close()
-            self.log.error("lun_open_failed", lun=number, spec=spec.path, error=str(exc))
-            self._reply(msg, ok=False, error=f"LUN {number} ({spec.path}): {exc}")
-            return
-        except BaseException:
-            for b in net.values():
-                b.close()
-            raise
+            self._state_buf = ffi.from_buffer("uint8_t[]", self.state_mm, require_writable=True)
+        if msg.stats_page is not None:
+            self.page.close()
+            self.page = StatsPage(msg.stats_page)
         for b in self.net.values():
             b.close()
-        self.luns = luns
-        self.delays = delays
-        self.net = net
-        for b in net.values():
-            b.release_fd = lambda b=b: self._net_unwatch(b)
-            self._net_dirty.add(b)
-        self.injectors = {n: i for n, i in injectors.items() if i is not None}
-        self.special = set(net) | set(self.injectors)
-        self.target = ScsiTarget(luns, log=self.glog)
+        self.luns, self.by_address, self.targets = {}, {}, {}
+        self.delays, self.net, self.injectors, self.special = {}, {}, {}, set()
+        reports = []
+        entries = list(zip(msg.lun_entries(), msg.lun_fds))
+        for i, (entry, fd) in enumerate(entries):
+            try:
+                report = self._add_lun(entry, fd)
+            except OSError as exc:
+                # A server that cannot be reached, a library that is not installed: the
+                # supervisor reports it (no traceback: nothing here is a bug).
+                for _, rest in entries[i + 1:]:
+                    if rest is not None:
+                        os.close(rest)
+                for b in self.net.values():
+                    b.close()
+                self.net = {}
+                self.log.error("lun_open_failed", lun=f"{entry.target}:{entry.lun}",
+                               spec=entry.spec.get("path"), error=str(exc))
+                self._reply(msg, ok=False, error=f"LUN {entry.target}:{entry.lun} "
+                                                 f"({entry.spec.get('path')}): {exc}")
+                return
+            if report is not None:
+                reports.append(report)
+        self._no_target = ScsiTarget({}, log=self.glog)
         self._net_service()
-        self.log.info("worker_configured", luns=sorted(luns), engine=self.engine_kind,
-                      network=sorted(net), inject=sorted(self.injectors))
-        self._reply(msg, result=M.ConfigureResult(luns=reports))
+        self.log.info("worker_configured", luns=sorted(f"{r.target}:{r.number}"
+                                                       for r in self.luns.values()),
+                      engine=self.engine_kind, network=sorted(self.net),
+                      inject=sorted(self.injectors))
+        self._reply(msg, result=M.ConfigureResult(luns=reports, stats_layout=stats_layout()))
+
+    def _add_lun(self, entry: M.LunEntry, fd: int | None) -> dict | None:
+        """Open the LUN's backend on ``fd`` (ours from here on) and serve it. For a
+        network LUN: its identity as the worker built it from the server (reported to
+        the supervisor, which hands it to every later worker)."""
+        from .scsi import Disk, DiskInfo, LunState, ScsiTarget
+        from .scsi.disk import UnitAttentions
+
+        spec = LunSpec.from_dict(entry.spec)
+        slot, target, number = int(entry.slot), int(entry.target), int(entry.lun)
+        if not 0 <= slot < lib.VSD_MAX_LUNS or slot in self.luns:
+            if fd is not None:
+                os.close(fd)
+            raise ValueError(f"LUN slot {slot} is taken or out of range")
+        # Injected latency is served by the worker's timers (the I/O stays in flight),
+        # not by sleeping in the backend.
+        backend = _make_backend(spec, -1 if fd is None else fd, queues=self.queues,
+                                facts=entry.facts, log=self.log.bind(lun=f"{target}:{number}"))
+        info = DiskInfo(**entry.info)
+        report = None
+        if getattr(backend, "asynchronous", False):
+            if not info.num_blocks:
+                # The first worker to reach the server: the LUN's identity follows
+                # what the server advertises, and the supervisor keeps it.
+                info = dataclasses.replace(info, **backend.disk_overrides(info))
+            report = {"lun": slot, "info": dataclasses.asdict(info), "facts": backend.facts()}
+            self.log.info("network_lun", lun=f"{target}:{number}", **backend.describe())
+        try:
+            inj = Injector.from_text(spec.inject) if spec.inject else None
+        except InjectError:
+            backend.close()
+            raise
+        if self.state_mm is not None:
+            mode = lunstate.mode_offset(slot)
+            ua = lunstate.ua_offset(slot)
+            state = LunState.from_buffer(memoryview(self.state_mm)[mode:mode + 1])
+            ptr = self._state_buf + ua
+            uas = UnitAttentions(memoryview(self.state_mm)[ua:ua + lunstate.UA_KINDS],
+                                 exchange=lambda kind: lib.vsd_ua_take(ptr + kind, 1) == 0)
+        else:
+            state = LunState(wce=not spec.writethrough)
+            uas = None
+        disk = Disk(info, backend, state=state, log=self.glog.bind(lun=f"{target}:{number}"),
+                    ua=uas)
+        ref = LunRef(slot, target, number, spec, disk)
+        self.luns[slot] = ref
+        self.by_address[(target, number)] = ref
+        if spec.delay_us:
+            self.delays[slot] = spec.delay_us / 1e6
+        if getattr(backend, "asynchronous", False):
+            self.net[slot] = backend
+            backend.release_fd = lambda b=backend: self._net_unwatch(b)
+            self._net_dirty.add(backend)
+        if inj is not None:
+            self.injectors[slot] = inj
+        self.special = set(self.net) | set(self.injectors)
+        t = self.targets.get(target)
+        if t is None:
+            t = self.targets[target] = ScsiTarget({}, log=self.glog)
+        t.set_lun(number, disk)
+        return report
 
     def on_inject(self, msg: M.SetInjections) -> None:
-        """Replace a LUN's fault injection rules (vscsid.inject; "" removes them)."""
-        number = msg.lun
-        spec = self.lun_specs.get(number)
-        if spec is None or number not in self.luns:
-            self._reply(msg, ok=False, error=f"no LUN {number}")
+        """Replace a LUN's fault injection rules (vscsid.inject; "" removes them).
+        ``msg.lun`` is the LUN's slot."""
+        slot = msg.lun
+        ref = self.luns.get(slot)
+        if ref is None or ref.removing:
+            self._reply(msg, ok=False, error=f"no LUN in slot {slot}")
             return
         try:
             inj = Injector.from_text(msg.inject)
@@ -894,25 +1122,171 @@ class Worker:
             self._reply(msg, ok=False, error=str(exc))
             return
         text = "+".join(r.text() for r in inj.rules) if inj is not None else ""
-        self.lun_specs[number] = spec = dataclasses.replace(spec, inject=text)
+        ref.spec = dataclasses.replace(ref.spec, inject=text)
         if inj is None:
-            self.injectors.pop(number, None)
+            self.injectors.pop(slot, None)
         else:
-            self.injectors[number] = inj
+            self.injectors[slot] = inj
         self.special = set(self.net) | set(self.injectors)
         if self.eng is not None:
-            self.eng.set_lun(number, spec)
+            self.eng.set_lun(slot, ref)
         released = 0
         if self.hung and (inj is None or not inj.hangs()):
             # Commands held by a hang rule that is gone run now.
-            for p in [p for p in self.hung if p.lun == number]:
+            for p in [p for p in self.hung if p.slot == slot]:
                 self.hung.remove(p)
                 released += 1
                 written = self._run_pending(p)
                 if written is not None:
                     self._complete(p.head, written)
             self._flush()
-        self.log.info("injection_changed", lun=number, inject=text, released=released)
+        self.log.info("injection_changed", lun=f"{ref.target}:{ref.number}", inject=text,
+                      released=released)
+        self._reply(msg)
+
+    def on_add_lun(self, msg: M.AddLun) -> None:
+        entry = msg.entry()
+        have = self.by_address.get((entry.target, entry.lun))
+        if have is not None or entry.slot in self.luns:
+            if msg.lun_fd is not None:
+                os.close(msg.lun_fd)
+            if have is not None and have.slot == entry.slot:
+                self._reply(msg)     # configured with it already (a restart raced the add)
+            else:
+                self._reply(msg, ok=False, error=f"LUN {entry.target}:{entry.lun} or slot "
+                                                 f"{entry.slot} is taken")
+            return
+        try:
+            report = self._add_lun(entry, msg.lun_fd)
+        except (OSError, InjectError, ValueError) as exc:
+            self.log.error("lun_open_failed", lun=f"{entry.target}:{entry.lun}",
+                           spec=entry.spec.get("path"), error=str(exc))
+            self._reply(msg, ok=False, error=str(exc))
+            return
+        ref = self.luns[entry.slot]
+        self.page.clear_slot(ref.slot)
+        if self.trace_all:
+            self.trace_slots.add(ref.slot)
+        if self.eng is not None:
+            self.eng.set_lun(ref.slot, ref)
+            if ref.slot in self.trace_slots:
+                self.eng.set_fast(ref.slot, False)
+        self._net_service()
+        self.log.info("lun_added", lun=f"{ref.target}:{ref.number}", slot=ref.slot,
+                      blocks=ref.disk.num_blocks)
+        self._reply(msg, result=M.ConfigureResult(luns=[report] if report else []))
+
+    def on_remove_lun(self, msg: M.RemoveLun) -> None:
+        """New requests to the LUN get a missing LUN's answer at once; the reply
+        waits for its requests in flight (see _check_waiting)."""
+        ref = self.luns.get(msg.slot)
+        if ref is None:
+            self._reply(msg)             # gone already (configured without it)
+            return
+        ref.removing = True
+        t = self.targets.get(ref.target)
+        if t is not None:
+            t.remove_lun(ref.number)
+            if not t.luns:
+                del self.targets[ref.target]    # no LUN left: the target is gone too
+        self.by_address.pop((ref.target, ref.number), None)
+        if self.eng is not None:
+            self.eng.clear_lun(ref.slot, ref)
+        self.trace_slots.discard(ref.slot)
+        self.waiting.append((msg, ref.slot, "remove"))
+        self._check_waiting()
+
+    def on_resize_lun(self, msg: M.ResizeLun) -> None:
+        ref = self.luns.get(msg.slot)
+        if ref is None or ref.removing:
+            self._reply(msg, ok=False, error=f"no LUN in slot {msg.slot}")
+            return
+        if msg.num_blocks < ref.disk.num_blocks:
+            self.waiting.append((msg, ref.slot, "shrink"))   # once nothing is in flight
+            self._check_waiting()
+            return
+        self._resize(msg, ref)
+
+    def _resize(self, msg: M.ResizeLun, ref: LunRef) -> None:
+        disk = ref.disk
+        old = disk.num_blocks
+        backend = disk.backend
+        if self.eng is not None:
+            self.eng.release_map(ref.slot)      # the engine maps a memory file's old size
+        resized = getattr(backend, "resized", None)
+        if resized is not None:
+            resized(msg.num_blocks * disk.block_size)
+        else:
+            backend.size = msg.num_blocks * disk.block_size
+        try:
+            disk.resize(msg.num_blocks)
+        except ValueError as exc:
+            self._reply(msg, ok=False, error=str(exc))
+            return
+        if self.eng is not None:
+            self.eng.set_lun(ref.slot, ref)
+        self.log.info("lun_resized", lun=f"{ref.target}:{ref.number}", blocks=msg.num_blocks,
+                      old_blocks=old)
+        self._reply(msg)
+
+    def _lun_in_flight(self, slot: int) -> int:
+        """The LUN's requests in flight: the C engine's I/O and the reference path's
+        held requests, both in the statistics page's gauge."""
+        return int(self.page.lun(slot).in_flight)
+
+    def _check_waiting(self) -> None:
+        """Answer the LUN removals and shrinks whose LUN has nothing in flight."""
+        if not self.waiting:
+            return
+        still = []
+        for msg, slot, action in self.waiting:
+            if self._lun_in_flight(slot):
+                still.append((msg, slot, action))
+                continue
+            ref = self.luns.get(slot)
+            if action == "remove":
+                if ref is not None:
+                    del self.luns[slot]
+                    if self.eng is not None:
+                        self.eng.clear_lun(slot, ref)
+                    self.delays.pop(slot, None)
+                    self.injectors.pop(slot, None)
+                    b = self.net.pop(slot, None)
+                    self.special = set(self.net) | set(self.injectors)
+                    if b is not None:
+                        self._net_unwatch(b)
+                    ref.disk.backend.close()
+                    self.log.info("lun_removed", lun=f"{ref.target}:{ref.number}", slot=slot)
+                self._reply(msg)
+            elif ref is None or ref.removing:
+                self._reply(msg, ok=False, error=f"no LUN in slot {slot}")
+            else:
+                self._resize(msg, ref)
+        self.waiting = still
+
+    def on_trace_start(self, msg: M.TraceStart) -> None:
+        if msg.slots is None:
+            self.trace_all = True
+            slots = set(self.luns)
+        else:
+            slots = {int(x) for x in msg.slots if int(x) in self.luns}
+        self.trace_slots |= slots
+        if self.eng is not None:
+            for slot in slots:
+                self.eng.set_fast(slot, False)
+        self.log.info("trace_started", luns="all" if msg.slots is None else sorted(slots))
+        self._reply(msg)
+
+    def on_trace_stop(self, msg: M.TraceStop) -> None:
+        self.trace_all = False
+        self.trace_slots = set()
+        if self.eng is not None:
+            for slot in self.luns:
+                self.eng.set_fast(slot, True)
+        self._send_trace()
+        self.trace_buf.clear()
+        self.log.info("trace_stopped", dropped=self.trace_dropped)
+        self.trace_dropped = 0
         self._reply(msg)
 
     def on_mem(self, msg: M.MapMemory) -> None:
@@ -948,13 +1322,16 @@ class Worker:
 
     def _open_engine(self) -> None:
         if self.engine_kind == "c":
-            self.eng = CEngine(queue=self.queue, mem=self.mem, luns=self.luns,
-                               specs=self.lun_specs, state_page=self.state_mm,
+            live = {slot: r for slot, r in self.luns.items() if not r.removing}
+            slow = set(live) if self.trace_all else set(self.trace_slots)
+            self.eng = CEngine(queue=self.queue, mem=self.mem, luns=live,
+                               state_page=self.state_mm,
                                cdb_size=self.cdb_size, sense_size=self.sense_size,
                                inflight=self.inflight, call_fd=self.call_fd,
-                               poll_us=self.poll_us, log=self.log)
+                               poll_us=self.poll_us, log=self.log, stats=self.page.st,
+                               latency_sample=self.latency_sample, slow=frozenset(slow))
         else:
-            self.eng = PyEngine(self.queue, self.inflight, self.call_fd)
+            self.eng = PyEngine(self.queue, self.inflight, self.call_fd, stats=self.page.st)
         if self.eng.completion_fd >= 0:
             self.epoll.register(self.eng.completion_fd, select.EPOLLIN)
 
@@ -1188,7 +1565,7 @@ class Worker:
         self._reply(msg)
 
     def _matches(self, msg: M.TaskMgmt, p: Pending) -> bool:
-        if msg.lun is not None and p.lun != msg.lun:
+        if p.target != msg.target or (msg.lun is not None and p.lun != msg.lun):
             return False
         return p.tag == msg.tag if msg.kind in ("abort_task", "query_task") else True
 
@@ -1229,6 +1606,10 @@ class Worker:
                 self._flush()
                 self._reply(t[0], result=M.TaskMgmtResult(found=True))
 
+    def on_log_level(self, msg: M.SetLogLevel) -> None:
+        vlog.set_level(msg.level)
+        self._reply(msg)
+
     def on_ping(self, msg: M.Ping) -> None:
         self._reply(msg, result=M.PingResult(stats=self._merged_stats(), started=self.started,
                                              enabled=self.enabled, broken=self.broken,
@@ -1247,6 +1628,7 @@ class Worker:
         self.ticker.close()
         self.timers.close()
         self._close_engine()
+        self.page.close()
         self._set_kick(-1)
         self._set_fd("call_fd", -1)
         self._set_fd("err_fd", -1)

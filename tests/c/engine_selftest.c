@@ -66,9 +66,12 @@ static uint8_t guest[1 << 16] __attribute__((aligned(4096)));
 #define AVAIL_OFF 0x1000
 #define USED_OFF 0x2000
 
+static struct vsd_stats stats;     /* the engine's counters (a shared page in a worker) */
+
 static void setup_queue(struct vsd_queue *q, uint16_t *completed, uint8_t *hstate)
 {
     memset(q, 0, sizeof *q);
+    q->st = &stats;
     memset(guest, 0, sizeof guest);
     q->desc = guest + DESC_OFF;
     q->avail = guest + AVAIL_OFF;

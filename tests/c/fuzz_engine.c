@@ -118,7 +118,7 @@ static void request(unsigned k, unsigned size, uint8_t sel)
     }
 }
 
-/* pushes: completions the harness made; the engine's own (fast path) are st_fast. */
+/* pushes: completions the harness made; the engine's own (fast path) are st->q.fast. */
 static void check(struct vsd_queue *q, uint16_t used0, unsigned pushes)
 {
     unsigned k, done = 0;
@@ -133,7 +133,7 @@ static void check(struct vsd_queue *q, uint16_t used0, unsigned pushes)
     }
     if (done != q->ncompleted)
         FAIL("%u DONE heads, %u staged", done, q->ncompleted);
-    pushes += (unsigned)q->st_fast;
+    pushes += (unsigned)q->st->q.fast;
     if ((uint16_t)(q->used_idx - used0) != (uint16_t)pushes)
         FAIL("used index moved by %u for %u pushes", (uint16_t)(q->used_idx - used0), pushes);
 }
@@ -156,6 +156,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     static struct vsd_queue q;
+    static struct vsd_stats stats;
     uint16_t completed[MAX_SIZE], slow[MAX_SIZE], held[MAX_SIZE];
     uint8_t hstate[MAX_SIZE], b = 0, mode = 0;
     unsigned nheld = 0, pushes = 0, qsize, k;
@@ -171,6 +172,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         qsize = MAX_SIZE;
     memset(guest, 0, GUEST_SIZE);
     memset(&q, 0, sizeof q);
+    memset(&stats, 0, sizeof stats);
+    q.st = &stats;
     memset(hstate, 0, sizeof hstate);
     q.desc = guest + DESC_OFF;
     q.avail = guest + AVAIL_OFF;

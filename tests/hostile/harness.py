@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tests.daemon import Daemon
 from tests.support.rawq import RawQueue
+from tests.support.scsi import clear_unit_attentions
 from tests.wait import WAIT, wait_for
 from vscsid.bench import virtio_scsi as vs
 from vscsid.bench.frontend import Nack, VhostUserFrontend
@@ -177,12 +178,17 @@ class HostileDaemon(Daemon):
 
 
 def assert_tur_ok(q, mem, what: str = "I/O") -> None:
-    """TEST UNIT READY on a hand-configured queue completes with GOOD."""
+    """TEST UNIT READY on a hand-configured queue completes with GOOD (after the unit
+    attentions a new front end gets first: POWER ON, RESET)."""
     b = vs.ScsiRequestBuilder(q, mem)
-    h = b.command(vs.test_unit_ready(), publish=True)
-    q.kick()
-    wait_for(lambda: b.reap() or h.done, what=what)
-    assert h.response.ok
+    for _ in range(8):
+        h = b.command(vs.test_unit_ready(), publish=True)
+        q.kick()
+        wait_for(lambda: b.reap() or h.done, what=what)
+        si = h.response.sense_key()
+        if h.response.ok or si is None or si.key != 6:
+            break
+    assert h.response.ok, h.response
 
 
 def assert_clean(d: HostileDaemon, before: dict[int, int], what: str = "") -> None:
@@ -398,7 +404,8 @@ class Guest:
 
     def __init__(self, d: HostileDaemon, *, queues: int | None = None, size: int = 128,
                  mem: FrontendMemory | None = None, mem_size: int = 8 << 20, err: bool = False,
-                 err_before_kick: bool = False, event_idx: bool = True):
+                 err_before_kick: bool = False, event_idx: bool = True, clear_ua: bool = True,
+                 hotplug: bool = False):
         self.d = d
         d.wait_no_session()
         self.mark = d.mark()
@@ -407,6 +414,8 @@ class Guest:
         self.fe = VhostUserFrontend(d.socket_path, timeout=WAIT)
         self.conn = d.wait_since(self.mark, "frontend_connected")["conn"]
         feats = None if event_idx else (1 << 32) | (1 << 28) | (1 << 30)
+        if hotplug:        # VIRTIO_SCSI_F_HOTPLUG and _CHANGE: LUN events on the event queue
+            feats = (1 << 32) | (1 << 28) | (1 << 29) | (1 << 30) | (1 << 1) | (1 << 2)
         self.fe.negotiate(features=feats, protocol=PROTOCOL)
         self.fe.set_mem_table(self.mem)
         nq = d.num_queues if queues is None else queues
@@ -422,6 +431,9 @@ class Guest:
             self.queues[index] = q
         self.builders = {i: vs.ScsiRequestBuilder(q, self.mem) for i, q in self.queues.items()}
         self.done: list = []   # completions whose token is not a builder handle
+        if clear_ua and 2 in self.queues:
+            # Every LUN of a new front end reports POWER ON, RESET first.
+            clear_unit_attentions(self.command)
 
     def _set_err(self, index: int) -> None:
         fd = self.fe.eventfd()

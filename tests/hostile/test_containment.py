@@ -18,7 +18,9 @@ from vscsid.bench import virtio_scsi as vs
 from vscsid.bench.guestmem import FrontendMemory
 from vscsid.vhost.protocol import Request
 
-from .harness import Guest, HostileDaemon, check_serves, flood_without_reading, wait_for
+from .harness import (
+    Guest, HostileDaemon, assert_tur_ok, check_serves, flood_without_reading, wait_for,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -220,11 +222,8 @@ def test_truncated_inflight_region_does_not_kill_the_daemon():
             qs = {i: DriverQueue(mem, qsize, event_idx=c.fe.event_idx) for i in range(rings)}
             for i, q in qs.items():
                 c.fe.setup_queue(i, q)
+            assert_tur_ok(qs[2], mem, "TEST UNIT READY to complete")
             b = vs.ScsiRequestBuilder(qs[2], mem)
-            h = b.command(vs.test_unit_ready(), publish=True)
-            qs[2].kick()
-            wait_for(lambda: b.reap() or h.done, what="TEST UNIT READY to complete")
-            assert h.done and h.response.ok
             os.ftruncate(fd, 0)
             b.command(vs.test_unit_ready(), publish=True)
             qs[2].kick()

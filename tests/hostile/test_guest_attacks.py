@@ -30,7 +30,7 @@ from vscsid.virtio.defs import VIRTQ_DESC_F_NEXT as N, VIRTQ_DESC_F_WRITE as W
 
 from tests.wait import wait_for
 
-from .harness import PROTOCOL, Guest, check_serves
+from .harness import PROTOCOL, Guest, assert_tur_ok, check_serves
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -222,6 +222,7 @@ def test_nine_memory_regions_are_served(make_daemon):
             q = DriverQueue(mem, 64, event_idx=fe.event_idx, region=8)   # rings in the 9th
             fe.setup_queue(index, q)
             queues[index] = q
+        assert_tur_ok(queues[2], mem, "the new front end's unit attentions")
         for qi in (2, 3):
             b = vs.ScsiRequestBuilder(queues[qi], mem)
             for region in range(9):

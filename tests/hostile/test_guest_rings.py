@@ -263,6 +263,9 @@ def test_malformed_control_chain_fails_only_its_request(daemon, baseline, name):
         if name != "indirect_longer_than_queue":
             assert daemon.wait_since(mark, "bad_descriptor_chain", conn=g.conn, vq=0).get("reason")
         assert g.tmf().response == vs.VIRTIO_SCSI_S_OK
+        # The LOGICAL UNIT RESET left a POWER ON, RESET unit attention, reported once.
+        si = g.command(vs.test_unit_ready()).response.sense_key()
+        assert si is not None and (si.key, si.asc, si.ascq) == (6, 0x29, 0)
         assert g.command(vs.test_unit_ready()).response.ok
         assert not daemon.since(mark, "ring_broken")
     finally:

@@ -7,6 +7,7 @@ import struct
 
 import pytest
 
+from tests.support.scsi import clear_unit_attentions
 from tests.wait import WAIT
 from vscsid.bench import virtio_scsi as vs
 from vscsid.bench.driverq import DriverQueue
@@ -20,10 +21,14 @@ class Guest:
     """Memory + front end + the control, event and request queues."""
 
     def __init__(self, daemon, *, queues=1, size=128, mem_size=64 << 20, event_idx=True,
-                 regions=1):
+                 regions=1, clear_ua=True):
         self.mem = FrontendMemory(mem_size, regions=regions)
         self.fe = VhostUserFrontend(daemon.socket_path)
-        feats = None if event_idx else (1 << 32) | (1 << 28) | (1 << 30)
+        # VERSION_1, INDIRECT_DESC, PROTOCOL_FEATURES; EVENT_IDX, HOTPLUG and CHANGE
+        # (LUN events) unless event_idx=False asks for the bare minimum.
+        feats = (1 << 32) | (1 << 28) | (1 << 30)
+        if event_idx:
+            feats |= (1 << 29) | (1 << 1) | (1 << 2)
         self.fe.negotiate(features=feats)
         self.fe.set_mem_table(self.mem)
         self.queues = {}
@@ -32,6 +37,9 @@ class Guest:
             self.fe.setup_queue(index, q)
             self.queues[index] = q
         self.builders = {i: vs.ScsiRequestBuilder(q, self.mem) for i, q in self.queues.items()}
+        if clear_ua:
+            # Every LUN of a new front end reports POWER ON, RESET first.
+            clear_unit_attentions(self.command)
 
     def command(self, cdb, *, lun=0, queue=2, data_out=None, data_in_len=0, timeout=WAIT, **kw):
         b = self.builders[queue]
@@ -147,9 +155,10 @@ def test_get_vring_base_returns_next_avail_index(start_daemon, make_image, guest
     img = make_image(size=1 << 20)
     d = start_daemon("--lun", str(img))
     g = guest_factory(d)
+    before = g.queues[2].avail_idx            # (the unit attentions were cleared)
     for _ in range(5):
         assert g.command(vs.test_unit_ready()).response.status == 0
-    assert g.fe.get_vring_base(2) == 5
+    assert g.fe.get_vring_base(2) == before + 5
     assert g.fe.get_vring_base(0) == 0
 
 
@@ -178,7 +187,7 @@ def test_config_space(start_daemon, make_image, guest_factory):
     d = start_daemon("--lun", str(img), "--num-queues", "2", "--queue-size", "256")
     g = guest_factory(d, queues=2)
     cfg = struct.unpack("<IIIIIIIHHI", g.fe.get_config(0, 36))
-    assert cfg == (2, 254, 0xFFFF, 128, 16, 96, 32, 0, 0, 16383)
+    assert cfg == (2, 254, 0xFFFF, 128, 16, 96, 32, 0, 0, 255)
     with pytest.raises(Nack):
         g.fe.set_config(0, struct.pack("<I", 9))
     assert g.fe.queue_num == 4

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from tests.support.scsi import clear_unit_attentions
 from tests.wait import WAIT
 from vscsid.bench import virtio_scsi as vs
 from vscsid.bench.driverq import DriverQueue
@@ -33,6 +34,15 @@ def wait(b, q, h, timeout=WAIT):
     return h
 
 
+def _runner(b, q):
+    def run(cdb, **kw):
+        h = b.command(cdb, **kw)
+        q.kick()
+        wait(b, q, h)
+        return h
+    return run
+
+
 def test_add_and_remove_regions_while_running(start_daemon, make_image):
     img = make_image(size=8 << 20)
     d = start_daemon("--lun", str(img), "--num-queues", "2")
@@ -51,6 +61,7 @@ def test_add_and_remove_regions_while_running(start_daemon, make_image):
             fe.setup_queue(index, q)
             queues[index] = q
         builders = {i: vs.ScsiRequestBuilder(q, mem) for i, q in queues.items()}
+        clear_unit_attentions(_runner(builders[2], queues[2]))   # a new front end's POWER ON
 
         def io(queue, lba, data, region):
             b, q = builders[queue], queues[queue]
@@ -103,6 +114,7 @@ def test_set_mem_table_replacement_keeps_rings_running(start_daemon, make_image)
         for i, q in queues.items():
             fe.setup_queue(i, q)
         b, q = vs.ScsiRequestBuilder(queues[2], mem), queues[2]
+        clear_unit_attentions(_runner(b, q))                     # a new front end's POWER ON
         for round_ in range(3):
             data = os.urandom(4096)
             h = b.command(vs.write10(8 * round_, 8), data_out=data)

@@ -11,6 +11,8 @@ import pytest
 from tests.wait import wait_for
 from vscsid.bench import virtio_scsi as vs
 
+from tests.support.scsi import clear_unit_attentions
+
 from .test_daemon_io import Guest, guest_factory  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.timeout(120)
@@ -27,6 +29,7 @@ def test_killed_worker_requests_are_resubmitted(start_daemon, make_image, guest_
     d = start_daemon("--lun", f"{img},delay_us=300000")
     g = guest_factory(d)
     b, q = g.builders[2], g.queues[2]
+    base = q.avail_idx                # (after the unit attentions were cleared)
     payloads = {i: os.urandom(4096) for i in range(8)}
     handles = [b.command(vs.write10(i * 8, 8), data_out=payloads[i], publish=False)
                for i in range(8)]
@@ -34,13 +37,13 @@ def test_killed_worker_requests_are_resubmitted(start_daemon, make_image, guest_
     q.kick()
     # The worker has popped all 8 (and marked them in flight) once it asks to be
     # kicked at avail index 8 (EVENT_IDX: used->avail_event).
-    wait_for(lambda: q.avail_event() == 8, what="the worker to pop the 8 writes")
+    wait_for(lambda: q.avail_event() == (base + 8) & 0xFFFF, what="the worker to pop the 8 writes")
     (victim,) = _workers(d)
     # Freeze it, see how many it answered (none, unless this process stalled for
     # the 300 ms the writes take), then kill it with the rest in flight.
     victim.send_signal(signal.SIGSTOP)
     wait_for(lambda: victim.status() == psutil.STATUS_STOPPED, what="the worker to stop")
-    answered = q.used_idx()
+    answered = q.used_idx() - base
     assert answered < 8, "every write completed before the worker was stopped"
     victim.send_signal(signal.SIGKILL)
     for h in handles:
@@ -62,6 +65,7 @@ def test_killed_idle_worker_resumes_at_the_right_index(start_daemon, make_image,
     img = make_image(size=1 << 20)
     d = start_daemon("--lun", str(img))
     g = guest_factory(d)
+    base = g.queues[2].avail_idx      # (after the unit attentions were cleared)
     for _ in range(10):
         assert g.command(vs.test_unit_ready()).response.status == 0
     (victim,) = _workers(d)
@@ -69,7 +73,7 @@ def test_killed_idle_worker_resumes_at_the_right_index(start_daemon, make_image,
     d.wait_for_log("worker_resumed", queue=0)
     for _ in range(5):
         assert g.command(vs.test_unit_ready()).response.status == 0
-    assert g.fe.get_vring_base(2) == 15
+    assert g.fe.get_vring_base(2) == base + 15
 
 
 def test_hung_worker_is_aborted_killed_and_replaced(start_daemon, make_image, guest_factory):
@@ -125,12 +129,21 @@ def test_reconnect_with_a_stale_vring_base_resumes_at_the_used_index(start_daemo
         for i, q in queues.items():
             fe.setup_queue(i, q)
         b, q = vs.ScsiRequestBuilder(queues[2], mem), queues[2]
+
+        def run(cdb, **kw):
+            h = b.command(cdb, publish=True, **kw)
+            q.kick()
+            wait_for(lambda: b.reap() or h.done, what=f"command {cdb[0]:#x}")
+            return h
+
+        clear_unit_attentions(run)         # POWER ON, RESET: a new front end
+        n0 = q.used_idx()
         for lba in range(5):
             h = b.command(vs.write10(lba, 1), data_out=bytes([0xA0 + lba]) * 512, publish=True)
             q.kick()
             wait_for(lambda: b.reap() or h.done, what=f"write {lba}")
             assert h.response.ok
-        assert q.used_idx() == 5
+        assert q.used_idx() == n0 + 5
         fe.close()                         # gone without GET_VRING_BASE, like a dead daemon
         d.wait_for_log("session_closed")
         with open(img, "r+b") as f:        # a write that runs again would show here
@@ -143,14 +156,15 @@ def test_reconnect_with_a_stale_vring_base_resumes_at_the_used_index(start_daemo
         fe.request(Request.SET_INFLIGHT_FD, Inflight(size, 0, 3, 64), [infl])
         fe.set_mem_table(mem)
         for i, q in queues.items():        # ring 2's base is stale: 2 behind the used index
-            fe.setup_queue(i, q, base=3 if i == 2 else None)
+            fe.setup_queue(i, q, base=n0 + 3 if i == 2 else None)
+        q = queues[2]
         started = [r for r in d.events("ring_started")[mark:] if r.get("queue") == 0]
-        assert started and started[0]["last_avail"] == 5, started
-        h = b.command(vs.test_unit_ready(), publish=True)
-        q.kick()
-        wait_for(lambda: b.reap() or h.done, what="TEST UNIT READY")
+        assert started and started[0]["last_avail"] == n0 + 5, started
+        clear_unit_attentions(run)         # the new front end's POWER ON, RESET
+        n1 = q.used_idx()
+        h = run(vs.test_unit_ready())
         assert h.response.ok
-        assert fe.get_vring_base(2) == 6
+        assert fe.get_vring_base(2) == n1 + 1
         assert open(img, "rb").read(5 * 512) == bytes(5 * 512), "an answered write ran again"
     finally:
         fe.close()

@@ -8,7 +8,7 @@ import pytest
 from vscsid.vhost.device import DeviceState, Rejected
 from vscsid.vhost.protocol import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature
 from vscsid.virtio.defs import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX
-from vscsid.virtio.scsi_wire import CONFIG_SIZE, VIRTIO_SCSI_F_CHANGE
+from vscsid.virtio.scsi_wire import CONFIG_SIZE, VIRTIO_SCSI_F_T10_PI
 from vscsid.virtio_scsi.config import OFFERED_FEATURES, ScsiConfig, ScsiPersonality
 
 
@@ -18,7 +18,9 @@ def dev(queues=2):
 
 
 def test_offered_features_are_what_we_implement():
-    assert OFFERED_FEATURES == (1 << VIRTIO_F_VERSION_1) | (1 << 28) | (1 << 29) | (1 << 30)
+    # HOTPLUG (1) and CHANGE (2): LUN hot-add/remove and resize events
+    assert OFFERED_FEATURES == ((1 << VIRTIO_F_VERSION_1) | (1 << 28) | (1 << 29) | (1 << 30)
+                                | (1 << 1) | (1 << 2))
     d = dev()
     assert d.offered_protocol_features & (1 << ProtocolFeature.MQ)
     assert d.offered_protocol_features & (1 << ProtocolFeature.REPLY_ACK)
@@ -28,10 +30,10 @@ def test_offered_features_are_what_we_implement():
 
 def test_unoffered_feature_bits_are_ignored_not_negotiated():
     d = dev()
-    unknown = d.set_features((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_SCSI_F_CHANGE)
+    unknown = d.set_features((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_SCSI_F_T10_PI)
                              | (1 << VIRTIO_RING_F_EVENT_IDX))
-    assert unknown == 1 << VIRTIO_SCSI_F_CHANGE
-    assert d.event_idx and not d.has_feature(VIRTIO_SCSI_F_CHANGE)
+    assert unknown == 1 << VIRTIO_SCSI_F_T10_PI
+    assert d.event_idx and not d.has_feature(VIRTIO_SCSI_F_T10_PI)
 
 
 def test_protocol_features_must_have_been_offered():
@@ -79,7 +81,7 @@ def test_started_ring_cannot_change():
 def test_config_space_layout_and_writable_fields():
     d = dev(queues=4)
     raw = d.read_config(0, CONFIG_SIZE)
-    assert struct.unpack("<IIIIIIIHHI", raw) == (4, 254, 0xFFFF, 128, 16, 96, 32, 0, 0, 16383)
+    assert struct.unpack("<IIIIIIIHHI", raw) == (4, 254, 0xFFFF, 128, 16, 96, 32, 0, 0, 255)
     assert d.read_config(20, 4) == struct.pack("<I", 96)
     d.write_config(20, struct.pack("<II", 64, 16), 0)
     assert (d.personality.config.sense_size, d.personality.config.cdb_size) == (64, 16)

@@ -49,6 +49,8 @@ class CEngine:
         self.completed = ffi.new("uint16_t[]", size)
         self.hstate = ffi.new("uint8_t[]", size)
         q.completed, q.hstate = self.completed, self.hstate
+        self.stats = ffi.new("struct vsd_stats *")       # the engine's counters
+        q.st = self.stats
         self.slow = ffi.new("uint16_t[]", size)
         self.size = size
 

@@ -76,6 +76,9 @@ class FakeBackend:
     async def config_changed(self):
         self.config_changes += 1
 
+    async def device_reset(self):
+        self.resets = getattr(self, "resets", 0) + 1
+
     def memfd(self, name, size):
         fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(fd, size)
@@ -163,7 +166,7 @@ def test_get_features(rig):
 
 
 def test_set_features_ignores_bits_not_offered(rig):
-    rig.none(Request.SET_FEATURES, U64Payload(OFFERED_FEATURES | (1 << 2)))
+    rig.none(Request.SET_FEATURES, U64Payload(OFFERED_FEATURES | (1 << 3)))
     assert rig.device.acked_features == OFFERED_FEATURES
 
 

@@ -8,7 +8,10 @@ It runs a uvloop event loop that
 * spawns one worker per request virtqueue at start-up, hands each its LUNs,
   then per connection the guest memory and its ring, and watches them (the
   lifecycle state machine, heartbeats, restarts);
-* handles signals, systemd notification and periodic statistics.
+* handles signals, systemd notification and periodic statistics;
+* serves the admin socket (JSON-RPC, vscsid-ctl: admin.py), the Prometheus
+  metrics (metrics.py) and LUN changes (lunops.py), and on SIGHUP re-reads the
+  configuration file.
 
 When a front end disconnects, the session's rings are stopped, its memory
 unmapped, and the daemon waits for the next connection.
@@ -27,9 +30,11 @@ from vscsid.config import DaemonConfig
 from vscsid.virtio.scsi_wire import VIRTIO_SCSI_CDB_DEFAULT_SIZE, VIRTIO_SCSI_SENSE_DEFAULT_SIZE
 
 from .lifecycle import Action, Policy, WState
+from .lunops import LunManager
 from .luns import LunTable
 from .osops import OsOps
 from .session import Session
+from .statspage import StatsReader
 from .workerpool import WorkerGone, WorkerHandle, describe_exit
 
 #: seconds a new front end waits for the previous one's session to finish closing
@@ -39,7 +44,8 @@ CLOSE_WAIT = 30.0
 class Supervisor:
     def __init__(self, cfg: DaemonConfig, listener: socket.socket, luns: LunTable,
                  ops: OsOps | None = None, policy: Policy | None = None,
-                 stats_interval: float = 60.0):
+                 stats_interval: float = 60.0, admin_listener: socket.socket | None = None,
+                 metrics_listener: socket.socket | None = None):
         self.cfg = cfg
         self.listener = listener
         self.luns = luns
@@ -60,9 +66,23 @@ class Supervisor:
         self.early_signals: list[int] = []
         from vscsid.stats import ProcessStats
         self.proc_stats = ProcessStats()
+        self.lunops = LunManager(self)
+        self.admin_listener = admin_listener
+        self.metrics_listener = metrics_listener
+        self.admin = None
+        self.metrics = None
+        self.tracer = None
+        self.started_at = self.ops.monotonic()
+        self.started_wall = 0.0
+        self.connections_total = 0
+        #: () -> (settings, LUN specs) of the configuration file (given by the cli)
+        self.read_config = None
 
     # ------------------------------------------------------------------ workers
     def _spawn(self, w: WorkerHandle) -> None:
+        if w.stats_fd < 0:
+            # The queue's statistics page outlives its workers (see workers/stats.py).
+            w.stats_fd = self.ops.memfd(f"vscsid-stats-q{w.queue}", 0)
         w.spawn(self.log_settings["format"], self.log_settings["level"])
         if self.cfg.cpu_affinity:
             from vscsid.stats import apply_affinity, format_cpus, worker_cpus
@@ -80,18 +100,29 @@ class Supervisor:
             queue=w.queue, queues=self.cfg.num_queues, engine=self.cfg.engine,
             poll_us=self.cfg.poll_us,
             cdb_size=cfg.cdb_size if cfg else VIRTIO_SCSI_CDB_DEFAULT_SIZE,
-            sense_size=cfg.sense_size if cfg else VIRTIO_SCSI_SENSE_DEFAULT_SIZE)
+            sense_size=cfg.sense_size if cfg else VIRTIO_SCSI_SENSE_DEFAULT_SIZE,
+            latency_sample=self.cfg.latency_sample)
+        msg.stats_page = w.stats_fd
         rep = await w.request(msg, timeout=60)
         if not rep.ok:
             raise RuntimeError(f"worker {w.queue} failed to configure: {rep.error}")
-        self.luns.learn(rep.result(M.Configure), w.queue, self.cfg.num_queues)
+        result = rep.result(M.Configure)
+        self.luns.learn(result, w.queue, self.cfg.num_queues)
+        layout = result.stats_layout
+        if layout and w.stats is None:
+            try:
+                w.stats = StatsReader(w.stats_fd, layout)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                w.log.error("stats_page_unreadable", error=str(exc))
         w.life.configured(self.ops.monotonic())
+        if self.tracer is not None:
+            await self.tracer.worker_configured(w)
 
     async def set_injections(self, lun: int, text: str) -> str:
-        """Change LUN ``lun``'s fault injection rules on every worker at run time
-        (vscsid.inject grammar; "" removes them); returns the canonical text. This is
-        what an admin-socket method calls. Raises ValueError for a bad LUN or text,
-        RuntimeError when a worker refuses."""
+        """Change the fault injection rules of the LUN in slot ``lun`` on every worker
+        at run time (vscsid.inject grammar; "" removes them); returns the canonical
+        text. The admin socket's lun_inject calls it. Raises ValueError for a bad LUN
+        or text, RuntimeError when a worker refuses."""
         canon = self.luns.set_injections(lun, text)
         errors = []
         for w in self.workers:
@@ -202,10 +233,67 @@ class Supervisor:
                 self.log.info("shutdown_requested", signal=signal.Signals(sig).name)
                 self.request_stop()
             elif sig == signal.SIGHUP:
-                systemd.reloading("reopening logs")
+                systemd.reloading("reopening logs" + (", re-reading the configuration"
+                                                      if self.cfg.config_file else ""))
                 vlog.reopen()
                 self.log.info("logs_reopened")
-                systemd.ready(self._status_text())
+                if self.cfg.config_file:
+                    self.loop.create_task(self._reload_then_ready())
+                else:
+                    systemd.ready(self._status_text())
+
+    async def _reload_then_ready(self) -> None:
+        try:
+            await self.reload()
+        finally:
+            systemd.ready(self._status_text())
+
+    async def reload(self) -> dict:
+        """Re-read the configuration file: apply its LUN differences and its log level;
+        report (and log) settings that only a restart applies."""
+        from vscsid.config import ConfigError
+
+        path = self.cfg.config_file
+        if path is None or self.read_config is None:
+            return {"error": "the daemon was started without --config"}
+        try:
+            args, specs = self.read_config()
+        except ConfigError as exc:
+            self.log.error("reload_failed", config=path, error=str(exc))
+            return {"error": str(exc)}
+        result = await self.lunops.reconcile(specs, "config")
+        level = args.log_level
+        if level != vlog.settings()["level"]:
+            await self.set_log_level(level)
+        restart = []
+        for name, now in (("num_queues", self.cfg.num_queues), ("queue_size", self.cfg.queue_size),
+                          ("engine", self.cfg.engine), ("socket_path", self.cfg.socket_path),
+                          ("poll_us", self.cfg.poll_us)):
+            new = getattr(args, name, None)
+            if new is not None and name != "socket_path" and new != now:
+                restart.append(name.replace("_", "-"))
+        if restart:
+            self.log.warning("reload_needs_restart", settings=restart)
+        result["restart_needed"] = restart
+        self.log.info("config_reloaded", config=path, **{k: v for k, v in result.items() if v})
+        return result
+
+    async def set_log_level(self, level: str) -> str:
+        """Change the log threshold of the supervisor and of every worker (a worker
+        started later gets it on its command line)."""
+        old = vlog.settings()["level"]
+        vlog.set_level(level)
+        self.log_settings = vlog.settings()
+        await asyncio.gather(*(self._tell_level(w, level) for w in self.workers
+                               if w.chan is not None))
+        self.log.warning("log_level_changed", level=level, previous=old)
+        return old
+
+    async def _tell_level(self, w: WorkerHandle, level: str) -> None:
+        try:
+            await w.request(M.SetLogLevel(level=level), timeout=10)
+        except (WorkerGone, asyncio.TimeoutError):
+            pass      # a replacement starts with the new level
 
     async def run(self) -> int:
         self.loop = asyncio.get_running_loop()
@@ -217,6 +305,10 @@ class Supervisor:
         self.workers = [WorkerHandle(q, self.loop, self.ops, on_event=self._on_worker_event,
                                      on_exit=self._on_worker_exit, policy=self.policy)
                         for q in range(self.cfg.num_queues)]
+        from .admin import AdminServer
+        from .trace import Tracer
+
+        self.tracer = Tracer(self)
         for w in self.workers:
             self._spawn(w)
         results = await asyncio.gather(*(self._configure(w) for w in self.workers),
@@ -227,11 +319,23 @@ class Supervisor:
                 await self._shutdown()
                 return 1
         self.listener.setblocking(False)
+        import time as _time
+
+        self.started_wall = _time.time()
+        if self.admin_listener is not None:
+            self.admin = AdminServer(self, self.admin_listener)
+            await self.admin.start()
+        if self.metrics_listener is not None:
+            from .metrics import MetricsServer
+
+            self.metrics = MetricsServer(self, self.metrics_listener)
+            await self.metrics.start()
         accept_task = self.loop.create_task(self._accept_loop())
         heartbeat_task = self.loop.create_task(self._heartbeat_loop())
         self.log.info("ready", socket=self.cfg.socket_path or f"fd:{self.cfg.listen_fd}",
                       queues=self.cfg.num_queues, luns=len(self.luns.specs),
-                      workers=[w.pid for w in self.workers])
+                      workers=[w.pid for w in self.workers], admin=self.cfg.admin_socket,
+                      metrics=("%s:%d" % self.metrics.address) if self.metrics else None)
         systemd.ready(self._status_text())
         watchdog_task = None
         interval = systemd.watchdog_interval()
@@ -280,6 +384,7 @@ class Supervisor:
                 conn.close()
                 continue
             self.conn_counter += 1
+            self.connections_total += 1
             self.session = Session(self, conn, self.conn_counter)
             self.log.info("frontend_connected", conn=self.conn_counter)
             systemd.status(self._status_text())
@@ -294,11 +399,21 @@ class Supervisor:
             systemd.status(self._status_text())
 
     def _on_worker_event(self, w: WorkerHandle, msg: M.Event) -> None:
+        if isinstance(msg, M.TraceRecords):
+            if self.tracer is not None:
+                self.tracer.records(w, msg)
+            return
         if self.session is not None:
             self.session.on_worker_event(w, msg)
 
     async def _shutdown(self) -> None:
         self.stopping = True
+        if self.admin is not None:
+            await self.admin.close()
+        if self.metrics is not None:
+            await self.metrics.close()
+        if self.tracer is not None:
+            self.tracer.close()
         if self.session is not None:
             self.session.end()
             try:
@@ -326,5 +441,18 @@ class Supervisor:
             pass
         if self.cfg.socket_path:
             self.ops.unlink(self.cfg.socket_path)
+        if self.admin_listener is not None and self.cfg.admin_socket:
+            if self.admin is None:
+                self.admin_listener.close()
+            self.ops.unlink(self.cfg.admin_socket)
+        if self.metrics_listener is not None and self.metrics is None:
+            self.metrics_listener.close()
+        for w in self.workers:
+            if w.stats is not None:
+                w.stats.close()
+                w.stats = None
+            if w.stats_fd >= 0:
+                self.ops.close(w.stats_fd)
+                w.stats_fd = -1
         self.luns.close()
         self.log.info("stopped", exit_code=self.exit_code)

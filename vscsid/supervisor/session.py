@@ -12,6 +12,7 @@ import socket
 from typing import Protocol
 
 from vscsid import log as vlog
+from vscsid import lunstate
 from vscsid import messages as M
 from vscsid.config import DaemonConfig
 from vscsid.vhost.device import DeviceState, Rejected
@@ -100,7 +101,8 @@ class Session:
         cfg = sup.cfg
         personality = ScsiPersonality(ScsiConfig(
             num_queues=cfg.num_queues, seg_max=cfg.seg_max or max(1, cfg.queue_size - 2),
-            max_sectors=cfg.max_sectors, cmd_per_lun=cfg.cmd_per_lun))
+            max_sectors=cfg.max_sectors, cmd_per_lun=cfg.cmd_per_lun,
+            max_target=max(sup.luns.targets(), default=0)))
         self.device = DeviceState(personality=personality, max_queue_size=cfg.queue_size)
         self.config = personality.config
         self.transport = Transport(sock, self.loop, self.log, self.ops.close)
@@ -110,7 +112,9 @@ class Session:
                                     task_management=self._task_management,
                                     lun_exists=sup.luns.exists, memory_fault=self.memory_fault)
         self.events = EventQueue(self.loop, vlog.get(conn=conn_id, vq=EVENT_QUEUE), self._memory,
-                                 self.handler.ring_broken)
+                                 self.handler.ring_broken,
+                                 features=lambda: self.device.acked_features,
+                                 memory_fault=self.memory_fault)
         self.servers: list[RingServer] = [self.control, self.events] + [
             WorkerRing(self, q) for q in range(cfg.num_queues)]
         self.closed = asyncio.Event()
@@ -143,6 +147,10 @@ class Session:
             for q in local:
                 q.lock.release()
         await self.send_memory_to_workers()
+
+    async def device_reset(self) -> None:
+        """The virtio device was reset: every LU was too (POWER ON unit attention)."""
+        self.sup.luns.establish_all(lunstate.UA_POWER_ON)
 
     async def config_changed(self) -> None:
         """Tell every worker the current cdb_size/sense_size (config space)."""
@@ -178,19 +186,24 @@ class Session:
                 self.log.error("worker_memory_failed", queue=w.queue,
                                error=str(res) if isinstance(res, BaseException) else res.error)
 
-    async def _task_management(self, kind: str, lun: int | None, tag: int) -> bool:
-        """One TMF on every worker; True if any had a matching command in flight."""
+    async def _task_management(self, kind: str, target: int, lun: int | None, tag: int) -> bool:
+        """One TMF on every worker; True if any had a matching command in flight. A
+        LOGICAL UNIT RESET (or I_T NEXUS RESET: every LU of the target) leaves a
+        POWER ON, RESET unit attention on the LUs it reset."""
         found = False
         for w in self.sup.workers:
             if w.chan is None:
                 continue
             try:
-                rep = await w.request(M.TaskMgmt(kind=kind, lun=lun, tag=tag), timeout=30)
+                rep = await w.request(M.TaskMgmt(kind=kind, target=target, lun=lun, tag=tag),
+                                      timeout=30)
             except (WorkerGone, asyncio.TimeoutError) as exc:
                 self.control.glog.error("tmf_worker_unreachable", tmf=kind, queue=w.queue,
                                         error=str(exc))
                 continue
             found = found or rep.result(M.TaskMgmt).found
+        if kind in ("logical_unit_reset", "i_t_nexus_reset"):
+            self.sup.luns.establish_all(lunstate.UA_POWER_ON, target=target, lun=lun)
         return found
 
     async def resume_worker(self, w: WorkerHandle) -> None:
@@ -222,6 +235,8 @@ class Session:
 
     # ------------------------------------------------------------------ the session
     def start(self) -> asyncio.Task:
+        # A new front end is a new initiator: every LU reports POWER ON first.
+        self.sup.luns.establish_all(lunstate.UA_POWER_ON)
         self.transport.start()
         return self.loop.create_task(self._process())
 

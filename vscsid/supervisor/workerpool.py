@@ -50,6 +50,8 @@ class WorkerHandle:
         self.pending: dict[int, asyncio.Future] = {}
         self._seq = itertools.count(1)
         self.last_stats: M.PingResult | None = None
+        self.stats_fd = -1            # the queue's statistics page (kept across restarts)
+        self.stats = None             # its StatsReader, once a worker described it
         self.log = vlog.get(queue=queue, vq=queue + 2)
 
     # ------------------------------------------------------------------ process
@@ -130,7 +132,7 @@ class WorkerHandle:
                 fut = self.pending.pop(msg.seq, None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
-            elif isinstance(msg, M.Event):
+            elif isinstance(msg, (M.Event, M.TraceRecords)):
                 self.on_event(self, msg)
 
     async def request(self, msg: M.Request, *, timeout: float = 30.0) -> M.Reply:

@@ -54,6 +54,9 @@ class DeviceBackend(Protocol):
     async def config_changed(self) -> None:
         """The config space changed (e.g. cdb_size/sense_size), or the device was reset."""
 
+    async def device_reset(self) -> None:
+        """The device was reset (RESET_DEVICE, RESET_OWNER): what the device type resets."""
+
     def memfd(self, name: str, size: int) -> int:
         ...
 
@@ -204,6 +207,7 @@ class VhostHandler:
                 self.backend.close_fd(fd)
         self.device.reset()
         self.inflight_recover.clear()
+        await self.backend.device_reset()
         await self.backend.config_changed()
         self.log.info("device_reset", reason=why)
 

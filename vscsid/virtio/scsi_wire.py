@@ -134,35 +134,51 @@ LUN_UNSERVED = 0xFFFF
 WLUN_REPORT_LUNS = 0xC101
 
 
-def decode_lun(lun: bytes, target_id: int = 0) -> int:
-    """Map the 8-byte virtio-scsi LUN field to a single-level LUN number.
+def decode_address(lun: bytes) -> tuple[int, int]:
+    """Map the 8-byte virtio-scsi LUN field to ``(target, LUN number)``.
 
-    Returns ``LUN_BAD_TARGET`` when the request is not for our target (only
-    target ``target_id`` exists), ``WLUN_REPORT_LUNS`` for the REPORT LUNS
-    well-known LUN, or the LUN number. Addressing forms we do not serve map to
-    ``LUN_UNSERVED``, which no LU has (the target then answers LOGICAL UNIT NOT
-    SUPPORTED).
+    ``target`` is ``LUN_BAD_TARGET`` when the field addresses no target at all
+    (an unknown first byte). The number is ``WLUN_REPORT_LUNS`` for the REPORT
+    LUNS well-known LUN (target 0 when sent in its bare form), or the
+    single-level LUN number; addressing forms we do not serve map to
+    ``LUN_UNSERVED``, which no LU has (the target then answers LOGICAL UNIT
+    NOT SUPPORTED).
     """
     b0 = lun[0]
     if b0 == 1:
-        if lun[1] != target_id:
-            return LUN_BAD_TARGET
+        target = lun[1]
         b2 = lun[2]
         method = b2 >> 6
         if lun[4] | lun[5] | lun[6] | lun[7]:
-            return LUN_UNSERVED      # multi-level LUN: not served
+            return target, LUN_UNSERVED      # multi-level LUN: not served
         if b2 == 0xC1 and lun[3] == 0x01:
             # Linux puts the REPORT LUNS well-known LUN (0xC101) in the
             # single-level slot: lun[2] = 0xC1, lun[3] = 0x01.
-            return WLUN_REPORT_LUNS
+            return target, WLUN_REPORT_LUNS
         if method == 1:              # flat space addressing
-            return ((b2 & 0x3F) << 8) | lun[3]
+            return target, ((b2 & 0x3F) << 8) | lun[3]
         if method == 0 and b2 == 0:  # peripheral device addressing, bus 0
-            return lun[3]
-        return LUN_UNSERVED
+            return target, lun[3]
+        return target, LUN_UNSERVED
     if b0 == 0xC1 and lun[1] == 0x01 and not any(lun[2:]):
-        return WLUN_REPORT_LUNS
-    return LUN_BAD_TARGET
+        return 0, WLUN_REPORT_LUNS
+    return LUN_BAD_TARGET, LUN_UNSERVED
+
+
+def decode_lun(lun: bytes, target_id: int = 0) -> int:
+    """The LUN number of a request for target ``target_id`` (see decode_address), or
+    ``LUN_BAD_TARGET`` when the request is for another target or none."""
+    target, number = decode_address(lun)
+    return number if target == target_id else LUN_BAD_TARGET
+
+
+def encode_event_lun(target: int, lun: int) -> bytes:
+    """The LUN field of an event (virtio 1.x 5.6.6.3): 1, the target, then the LUN in
+    the encoding REPORT LUNS uses (peripheral addressing below 256, else flat), which
+    is what drivers match (Linux takes lun[2] << 8 | lun[3])."""
+    if lun < 256:
+        return bytes((1, target, 0, lun, 0, 0, 0, 0))
+    return bytes((1, target, 0x40 | (lun >> 8), lun & 0xFF, 0, 0, 0, 0))
 
 
 def split_views(views: list, offset: int) -> list:

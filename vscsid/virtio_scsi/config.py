@@ -11,11 +11,21 @@ from vscsid.virtio.defs import (
 )
 from vscsid.virtio.scsi_wire import (
     CONFIG, CONFIG_SIZE, EVENT_SIZE, FIRST_REQUEST_QUEUE, MAX_CDB_SIZE, MAX_SENSE_SIZE,
-    VIRTIO_SCSI_CDB_DEFAULT_SIZE, VIRTIO_SCSI_SENSE_DEFAULT_SIZE,
+    VIRTIO_SCSI_CDB_DEFAULT_SIZE, VIRTIO_SCSI_F_CHANGE, VIRTIO_SCSI_F_HOTPLUG,
+    VIRTIO_SCSI_SENSE_DEFAULT_SIZE,
 )
 
+# HOTPLUG: LUNs come and go with TRANSPORT_RESET events (RESCAN, REMOVED); CHANGE:
+# PARAM_CHANGE events (a resize). QEMU's vhost-user-scsi offers the guest HOTPLUG
+# only when the back end does (property hotplug=on, the default), and CHANGE
+# whenever its param_change property is on (the default); both reach the back end
+# in SET_FEATURES when the guest acks them (QEMU 7.2 and 10.0).
 OFFERED_FEATURES = feature_mask(VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
-                                VIRTIO_RING_F_EVENT_IDX, VHOST_USER_F_PROTOCOL_FEATURES)
+                                VIRTIO_RING_F_EVENT_IDX, VHOST_USER_F_PROTOCOL_FEATURES,
+                                VIRTIO_SCSI_F_HOTPLUG, VIRTIO_SCSI_F_CHANGE)
+
+#: the highest LUN number vscsid serves (config.MAX_LUN_NUMBER: single-level LUNs)
+MAX_LUN = 255
 
 # the driver-writable fields: sense_size (offset 20) and cdb_size (24)
 _SENSE_SIZE_OFF = 20
@@ -32,8 +42,8 @@ class ScsiConfig:
     sense_size: int = VIRTIO_SCSI_SENSE_DEFAULT_SIZE
     cdb_size: int = VIRTIO_SCSI_CDB_DEFAULT_SIZE
     max_channel: int = 0
-    max_target: int = 0
-    max_lun: int = 16383
+    max_target: int = 0             # the highest target with a LUN when the session began
+    max_lun: int = MAX_LUN
 
     def pack(self) -> bytes:
         return CONFIG.pack(self.num_queues, self.seg_max, self.max_sectors,

@@ -25,7 +25,7 @@ from vscsid.virtio.scsi_wire import (
     VIRTIO_SCSI_S_FUNCTION_REJECTED, VIRTIO_SCSI_S_FUNCTION_SUCCEEDED, VIRTIO_SCSI_S_OK,
     VIRTIO_SCSI_T_AN_QUERY, VIRTIO_SCSI_T_AN_SUBSCRIBE, VIRTIO_SCSI_T_TMF,
     VIRTIO_SCSI_T_TMF_CLEAR_ACA, VIRTIO_SCSI_T_TMF_I_T_NEXUS_RESET, VIRTIO_SCSI_T_TMF_QUERY_TASK,
-    VIRTIO_SCSI_T_TMF_QUERY_TASK_SET, WLUN_REPORT_LUNS, decode_lun, gather, scatter,
+    VIRTIO_SCSI_T_TMF_QUERY_TASK_SET, WLUN_REPORT_LUNS, decode_address, gather, scatter,
 )
 from vscsid.virtio.splitq import ChainError, RingError
 
@@ -36,13 +36,15 @@ CONTROL_BUDGET = 64
 
 
 class ControlQueue(LocalRing):
-    """``task_management(kind, lun | None, tag)`` runs a TMF on every worker and says
-    whether a matching command was found; ``lun_exists(number)``;
-    ``memory_fault(where)`` is called when guest memory faulted in a pass."""
+    """``task_management(kind, target, lun | None, tag)`` runs a TMF on every worker
+    and says whether a matching command was found; ``lun_exists(target, lun | None)``
+    (None: any LUN on the target); ``memory_fault(where)`` is called when guest
+    memory faulted in a pass."""
 
     def __init__(self, loop, log, memory, on_broken, *,
-                 task_management: Callable[[str, int | None, int], Awaitable[bool]],
-                 lun_exists: Callable[[int], bool], memory_fault: Callable[[str], None]):
+                 task_management: Callable[[str, int, int | None, int], Awaitable[bool]],
+                 lun_exists: Callable[[int, int | None], bool],
+                 memory_fault: Callable[[str], None]):
         super().__init__(loop, log, memory, on_broken)
         self.task_management_round = task_management
         self.lun_exists = lun_exists
@@ -162,8 +164,9 @@ class ControlQueue(LocalRing):
                                  writable=chain.in_len)
                 return 0
             _t, lun, requested = AN_REQ.unpack(gather(chain.out, AN_REQ.size))
-            number = decode_lun(lun)
-            response = VIRTIO_SCSI_S_BAD_TARGET if number == LUN_BAD_TARGET else VIRTIO_SCSI_S_OK
+            target, _number = decode_address(lun)
+            response = (VIRTIO_SCSI_S_BAD_TARGET if target == LUN_BAD_TARGET
+                        or not self.lun_exists(target, None) else VIRTIO_SCSI_S_OK)
             scatter(chain.in_, AN_RESP.pack(0, response))
             self.stats["an"] += 1
             self.glog.info("async_notification_request",
@@ -176,9 +179,10 @@ class ControlQueue(LocalRing):
 
     async def task_management(self, subtype: int, lun_bytes: bytes, tag: int) -> int:
         name = TMF_NAMES.get(subtype, f"unknown({subtype})")
-        number = decode_lun(lun_bytes)
-        if number == LUN_BAD_TARGET or (number != WLUN_REPORT_LUNS
-                                        and not self.lun_exists(number)):
+        target, number = decode_address(lun_bytes)
+        if target == LUN_BAD_TARGET or not self.lun_exists(target, None) or (
+                number != WLUN_REPORT_LUNS and subtype != VIRTIO_SCSI_T_TMF_I_T_NEXUS_RESET
+                and not self.lun_exists(target, number)):
             self.glog.warning("tmf_bad_lun", tmf=name, lun=lun_bytes.hex())
             return VIRTIO_SCSI_S_BAD_TARGET
         if subtype not in TMF_NAMES or subtype == VIRTIO_SCSI_T_TMF_CLEAR_ACA:
@@ -187,8 +191,9 @@ class ControlQueue(LocalRing):
         scope_lun = None if subtype == VIRTIO_SCSI_T_TMF_I_T_NEXUS_RESET else number
         # Every worker answers only after finishing what it was doing, and says
         # whether a matching command is still in flight (queued I/O).
-        found = await self.task_management_round(name, scope_lun, tag)
-        self.glog.info("task_management", tmf=name, lun=number, tag=tag, found=found)
+        found = await self.task_management_round(name, target, scope_lun, tag)
+        self.glog.info("task_management", tmf=name, lun=f"{target}:{number}", tag=tag,
+                       found=found)
         if subtype in (VIRTIO_SCSI_T_TMF_QUERY_TASK, VIRTIO_SCSI_T_TMF_QUERY_TASK_SET):
             return VIRTIO_SCSI_S_FUNCTION_SUCCEEDED if found else VIRTIO_SCSI_S_OK
         return VIRTIO_SCSI_S_OK

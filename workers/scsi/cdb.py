@@ -135,3 +135,57 @@ CDB_MODE10 = struct.Struct(">BBBB3xHB")
 CDB_REPORT_LUNS = struct.Struct(">BxB3xIxB")
 # REPORT SUPPORTED OPERATION CODES: opcode, SA, RCTD|options, requested opcode, requested SA, alloc, reserved, control
 CDB_RSOC = struct.Struct(">BBBBHIxB")
+
+
+# -- describing a CDB (statistics, the command trace) ----------------------------------------
+
+_READS = frozenset((Op.READ_6, Op.READ_10, Op.READ_12, Op.READ_16))
+_WRITES = frozenset((Op.WRITE_6, Op.WRITE_10, Op.WRITE_12, Op.WRITE_16))
+_NAMES = {(c.opcode, c.service_action): c.name for c in COMMANDS}
+# Commands with an LBA and a number of blocks, by CDB layout.
+_RANGE6 = frozenset((Op.READ_6, Op.WRITE_6))
+_RANGE10 = frozenset((Op.READ_10, Op.WRITE_10, Op.VERIFY_10, Op.SYNCHRONIZE_CACHE_10,
+                      Op.WRITE_SAME_10))
+_RANGE12 = frozenset((Op.READ_12, Op.WRITE_12))
+_RANGE16 = frozenset((Op.READ_16, Op.WRITE_16, Op.VERIFY_16, Op.SYNCHRONIZE_CACHE_16,
+                      Op.WRITE_SAME_16))
+
+
+def op_class(opcode: int) -> int:
+    """0 for the READ commands, 1 for the WRITE commands, 2 for everything else
+    (the statistics' operation classes)."""
+    if opcode in _READS:
+        return 0
+    if opcode in _WRITES:
+        return 1
+    return 2
+
+
+def describe_cdb(cdb) -> tuple[str, int | None, int | None]:
+    """(name, LBA, blocks) of a CDB; LBA and blocks are None for commands without them."""
+    if not len(cdb):
+        return "(empty CDB)", None, None
+    op = cdb[0]
+    sa = (cdb[1] & SA_MASK) if op in SA_OPCODES and len(cdb) > 1 else None
+    name = _NAMES.get((op, sa)) or (f"OPCODE {op:#04x}" if sa is None
+                                    else f"OPCODE {op:#04x}/{sa:#04x}")
+    if op == Op.INQUIRY and len(cdb) > 2 and cdb[1] & 0x01:
+        name += f" VPD {cdb[2]:02X}h"
+    elif op in (Op.MODE_SENSE_6, Op.MODE_SENSE_10) and len(cdb) > 2:
+        name += f" page {cdb[2] & 0x3F:02X}h"
+    try:
+        if op in _RANGE6:
+            x, n, _ = CDB6_RW.unpack_from(cdb)
+            return name, x & 0x1FFFFF, n or 256
+        if op in _RANGE10:
+            _, _, lba, _, n, _ = CDB10.unpack_from(cdb)
+            return name, lba, n
+        if op in _RANGE12:
+            _, _, lba, n, _, _ = CDB12.unpack_from(cdb)
+            return name, lba, n
+        if op in _RANGE16 or (op == Op.SERVICE_ACTION_IN_16 and sa == ServiceAction.GET_LBA_STATUS):
+            _, _, lba, n, _, _ = CDB16.unpack_from(cdb)
+            return name, lba, (n if op in _RANGE16 else None)
+    except struct.error:
+        pass
+    return name, None, None

@@ -23,7 +23,20 @@ from .constants import (
     PageControl,
     Vpd,
 )
-from .sense import NO_SENSE
+from vscsid import lunstate
+
+from .sense import (
+    CAPACITY_DATA_HAS_CHANGED, MODE_PARAMETERS_CHANGED, NO_SENSE, POWER_ON_RESET,
+    REPORTED_LUNS_DATA_HAS_CHANGED,
+)
+
+#: the sense data of each unit attention kind (vscsid.lunstate.UA_*)
+UA_SENSE = {
+    lunstate.UA_POWER_ON: POWER_ON_RESET,
+    lunstate.UA_CAPACITY: CAPACITY_DATA_HAS_CHANGED,
+    lunstate.UA_MODE: MODE_PARAMETERS_CHANGED,
+    lunstate.UA_LUNS_CHANGED: REPORTED_LUNS_DATA_HAS_CHANGED,
+}
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -134,6 +147,53 @@ class LunState:
         return f"LunState(wce={self.wce}, d_sense={self.d_sense})"
 
 
+class UnitAttentions:
+    """The unit attention conditions pending on a LU, one byte per kind
+    (vscsid.lunstate: 1 = pending), reported once each.
+
+    ``buf`` is the LU's four bytes of the shared state page when several worker
+    processes serve it; ``exchange(kind)`` must then swap that byte to 0
+    atomically and return its old value, so that exactly one of them reports
+    each condition. The default instance owns private bytes (one process).
+    """
+
+    KINDS = lunstate.UA_KINDS
+    __slots__ = ("_buf", "_exchange")
+
+    def __init__(self, buf=None, exchange=None) -> None:
+        self._buf = memoryview(buf if buf is not None else bytearray(self.KINDS)).cast("B")
+        if self._buf.nbytes < self.KINDS or self._buf.readonly:
+            raise ValueError("UnitAttentions needs a writable buffer of 4 bytes")
+        self._buf = self._buf[:self.KINDS]
+        self._exchange = exchange if exchange is not None else self._plain_exchange
+
+    def _plain_exchange(self, kind: int) -> int:
+        old = self._buf[kind]
+        self._buf[kind] = 0
+        return old
+
+    def any(self) -> bool:
+        b = self._buf
+        return bool(b[0] | b[1] | b[2] | b[3])
+
+    def establish(self, kind: int) -> None:
+        self._buf[kind] = 1
+
+    def take(self):
+        """The highest-priority pending condition's sense (now cleared), or None."""
+        b = self._buf
+        for kind in range(self.KINDS):
+            if b[kind] and self._exchange(kind):
+                return UA_SENSE[kind]
+        return None
+
+    def take_kind(self, kind: int) -> bool:
+        return bool(self._buf[kind]) and bool(self._exchange(kind))
+
+    def pending(self) -> list[int]:
+        return [k for k in range(self.KINDS) if self._buf[k]]
+
+
 # -- precomputed response layouts ----------------------------------------------------------
 
 _INQUIRY_STD = struct.Struct(">BBBBBBBB8s16s4s20sBx16s22x")  # 96 bytes
@@ -195,7 +255,8 @@ class Disk:
 
     request_sense = NO_SENSE  # REQUEST SENSE data (sense is delivered with each command)
 
-    def __init__(self, info: DiskInfo, backend, state: LunState | None = None, log=None) -> None:
+    def __init__(self, info: DiskInfo, backend, state: LunState | None = None, log=None,
+                 ua: UnitAttentions | None = None) -> None:
         bs = info.block_size
         if bs < 512 or bs > 65536 or bs & (bs - 1):
             raise ValueError(f"unsupported block size {bs}")
@@ -211,6 +272,7 @@ class Disk:
         self.info = info
         self.backend = backend
         self.state = state if state is not None else LunState(wce=info.write_cache)
+        self.ua = ua if ua is not None else UnitAttentions()
         self.block_size = bs
         self.num_blocks = info.num_blocks
         self.readonly = bool(info.readonly or backend.readonly)
@@ -238,6 +300,17 @@ class Disk:
 
     def __repr__(self) -> str:
         return f"Disk({self.num_blocks}x{self.block_size}, {self.backend!r})"
+
+    def resize(self, num_blocks: int) -> None:
+        """The medium grew or shrank to ``num_blocks`` (READ CAPACITY follows)."""
+        if num_blocks <= 0:
+            raise ValueError("a disk needs at least one block")
+        if num_blocks * self.block_size > self.backend.size:
+            raise ValueError(f"{num_blocks} blocks of {self.block_size} bytes exceed the "
+                             f"backend's {self.backend.size} bytes")
+        self.num_blocks = num_blocks
+        self.info.num_blocks = num_blocks
+        self._build_static()
 
     # -- static data ---------------------------------------------------------------------
 

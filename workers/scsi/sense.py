@@ -57,6 +57,23 @@ UNRECOVERED_READ_ERROR = Sense(SenseKey.MEDIUM_ERROR, 0x11, 0x00)
 INTERNAL_TARGET_FAILURE = Sense(SenseKey.HARDWARE_ERROR, 0x44, 0x00)
 # MISCOMPARE
 MISCOMPARE_DURING_VERIFY = Sense(SenseKey.MISCOMPARE, 0x1D, 0x00)
+# UNIT ATTENTION
+POWER_ON_RESET = Sense(SenseKey.UNIT_ATTENTION, 0x29, 0x00)
+MODE_PARAMETERS_CHANGED = Sense(SenseKey.UNIT_ATTENTION, 0x2A, 0x01)
+CAPACITY_DATA_HAS_CHANGED = Sense(SenseKey.UNIT_ATTENTION, 0x2A, 0x09)
+REPORTED_LUNS_DATA_HAS_CHANGED = Sense(SenseKey.UNIT_ATTENTION, 0x3F, 0x0E)
+
+
+def describe_sense(key: int, asc: int, ascq: int) -> str:
+    """``KEY ASC/ASCQ`` with the name of the condition when it is one vscsid reports,
+    e.g. ``UNIT ATTENTION 29/00 POWER ON RESET``."""
+    try:
+        text = SenseKey(key).name.replace("_", " ")
+    except ValueError:
+        text = f"KEY {key:#x}"
+    text += f" {asc:02X}/{ascq:02X}"
+    name = _SENSE_NAMES.get((key, asc, ascq))
+    return f"{text} {name}" if name else text
 
 RESPONSE_FIXED_CURRENT = 0x70
 RESPONSE_DESCRIPTOR_CURRENT = 0x72
@@ -140,3 +157,7 @@ def parse_sense(data: bytes) -> tuple[int, int, int]:
     if code in (0x72, 0x73):
         return data[1] & 0x0F, data[2], data[3]
     raise ValueError(f"unknown sense response code {data[0]:#x}")
+
+
+_SENSE_NAMES = {tuple(v): k.replace("_", " ") for k, v in list(globals().items())
+                if isinstance(v, Sense) and k != "NO_SENSE"}

@@ -52,6 +52,8 @@ from .constants import (
     ServiceAction,
     Vpd,
 )
+from vscsid.lunstate import UA_LUNS_CHANGED
+
 from .disk import Disk, LunState, standard_inquiry, vpd_page
 from .sense import (
     INTERNAL_TARGET_FAILURE,
@@ -1180,6 +1182,10 @@ class ScsiTarget:
                 return self._plan_pseudo(lun, cdb, data_out, data_in)
             if not len(cdb):
                 return _check(disk, INVALID_COMMAND_OPERATION_CODE)
+            if disk.ua.any():
+                r = _unit_attention(disk, cdb, data_in)
+                if r is not None:
+                    return r
             entry = _DISPATCH[cdb[0]]
             if entry is None:
                 return _check(disk, INVALID_COMMAND_OPERATION_CODE)
@@ -1218,6 +1224,29 @@ class ScsiTarget:
         if err is not None:
             return err
         return handler(self, lu, cdb, data_out, data_in)
+
+
+def _unit_attention(disk, cdb, data_in) -> ScsiResult | None:
+    """A unit attention is pending (SPC-5 5.14): INQUIRY neither reports nor clears
+    it; REPORT LUNS clears REPORTED LUNS DATA HAS CHANGED and runs; REQUEST SENSE
+    returns it as its sense data; any other command is terminated with it. Each
+    condition is reported once (``take`` clears it; another queue may have
+    taken it first, and then the command runs)."""
+    op = cdb[0]
+    if op == Op.INQUIRY:
+        return None
+    if op == Op.REPORT_LUNS:
+        disk.ua.take_kind(UA_LUNS_CHANGED)
+        return None
+    sense = disk.ua.take()
+    if sense is None:
+        return None
+    if op == Op.REQUEST_SENSE:
+        if len(cdb) < 6:
+            return None
+        payload = build_sense(sense, descriptor=bool(cdb[1] & 0x01))
+        return _data_in(payload, cdb[4], data_in)
+    return _check(disk, sense)
 
 
 def _validate(lu, cmd: Command, cdb) -> ScsiResult | None:

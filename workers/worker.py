@@ -327,6 +327,11 @@ class Worker:
         return self.broken and self.started and self.eng is not None and self.eng.in_flight > 0
 
     @property
+    def lun_specs(self) -> dict[int, LunSpec]:
+        """slot -> the LUN's spec as it is now (injections change at run time)."""
+        return {slot: r.spec for slot, r in self.luns.items()}
+
+    @property
     def in_flight(self) -> int:
         return (len(self.timers) + len(self.long_ops) + len(self.net_pending) + len(self.hung)
                 + (self.eng.in_flight if self.eng is not None else 0))
@@ -1072,7 +1077,7 @@ class Worker:
                 # what the server advertises, and the supervisor keeps it.
                 info = dataclasses.replace(info, **backend.disk_overrides(info))
             report = {"lun": slot, "info": dataclasses.asdict(info), "facts": backend.facts()}
-            self.log.info("network_lun", lun=f"{target}:{number}", **backend.describe())
+            self.log.info("network_lun", lun=number, target=target, **backend.describe())
         try:
             inj = Injector.from_text(spec.inject) if spec.inject else None
         except InjectError:
@@ -1114,7 +1119,7 @@ class Worker:
         slot = msg.lun
         ref = self.luns.get(slot)
         if ref is None or ref.removing:
-            self._reply(msg, ok=False, error=f"no LUN in slot {slot}")
+            self._reply(msg, ok=False, error=f"no LUN {slot} (slot)")
             return
         try:
             inj = Injector.from_text(msg.inject)

@@ -230,7 +230,7 @@ def test_a_client_that_never_reads_is_dropped_without_harm(daemon, baseline, adm
 
 def test_a_trace_nobody_reads_ends(daemon, baseline, admin):
     from .harness import Guest
-    from vscsid.client import virtio_scsi as vs
+    from vscsid.bench import virtio_scsi as vs
 
     mark = daemon.mark()
     c = Raw(admin)

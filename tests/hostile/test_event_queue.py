@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.support.admin import rpc
-from vscsid.client import virtio_scsi as vs
+from vscsid.bench import virtio_scsi as vs
 
 from .harness import Guest
 from .test_guest_rings import HOSTILE, submit_bad

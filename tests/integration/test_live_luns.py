@@ -14,7 +14,7 @@ import pytest
 
 from tests.support.admin import DaemonError, rpc
 from tests.wait import WAIT, wait_for
-from vscsid.client import virtio_scsi as vs
+from vscsid.bench import virtio_scsi as vs
 
 from .test_daemon_io import guest_factory  # noqa: F401  (fixture)
 

@@ -523,7 +523,10 @@ def test_injected_hang_is_aborted_by_the_control_queue(nbd_server, daemon, guest
     assert t.response == vs.VIRTIO_SCSI_S_OK
     g.builders[2].reap()
     assert all(w.done and w.response.response == vs.VIRTIO_SCSI_S_RESET for w in ws)
-    # Both LUNs keep working outside the hang rules.
+    # The reset LUN reports it once (POWER ON, RESET unit attention); then both LUNs
+    # keep working outside the hang rules.
+    si = g.command(vs.test_unit_ready(), lun=1).response.sense_key()
+    assert (si.key, si.asc, si.ascq) == (6, 0x29, 0)
     assert g.command(vs.read10(0, 8), data_in_len=4096).response.ok
     assert g.command(vs.read10(8, 1), lun=1, data_in_len=BS).data_in == b"y" * BS
 
@@ -617,12 +620,13 @@ def test_ring_stop_while_the_server_is_down(nbd_server, daemon, guests, tmp_path
     srv = nbd_server("qemu-nbd", img, unix=True)
     d = daemon("--lun", f"{srv.uri},hold=60")
     g = guests(d)
+    base = g.queues[2].avail_idx            # (after the unit attentions were cleared)
     assert g.command(vs.read10(0, 8), data_in_len=4096).response.ok
     srv.kill()
     hs = [submit(g, vs.read10(0, 8), data_in_len=4096) for _ in range(4)]
     time.sleep(0.5)
     t0 = time.monotonic()
-    assert g.fe.get_vring_base(2) == 5       # GET_VRING_BASE: the worker drains
+    assert g.fe.get_vring_base(2) == base + 5       # GET_VRING_BASE: the worker drains
     assert time.monotonic() - t0 < 5
     g.builders[2].reap()
     assert all(h.done and sense(h) == (2, 0x04, 0x01) for h in hs)

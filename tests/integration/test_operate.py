@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.admin import Client, DaemonError, rpc
 from tests.wait import wait_for
-from vscsid.client import virtio_scsi as vs
+from vscsid.bench import virtio_scsi as vs
 
 from .test_daemon_io import guest_factory  # noqa: F401  (fixture)
 

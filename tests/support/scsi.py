@@ -3,7 +3,7 @@ came up (POWER ON, RESET, 29/00 on every LUN of a new front end), as Linux does 
 its scan (REPORT LUNS, then TEST UNIT READY until GOOD)."""
 from __future__ import annotations
 
-from vscsid.client import virtio_scsi as vs
+from vscsid.bench import virtio_scsi as vs
 
 UNIT_ATTENTION = 0x6
 

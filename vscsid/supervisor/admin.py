@@ -8,7 +8,8 @@ MAX_MESSAGE is refused (and the connection closed), a batch holds at most
 MAX_BATCH calls, at most MAX_CLIENTS connections are served at once (the next
 is told so and closed), an idle connection is closed after IDLE_TIMEOUT, and a
 client that does not read its answers is dropped once WRITE_LIMIT bytes wait
-for it or an answer waited WRITE_TIMEOUT to be taken. Bad input gets a JSON-RPC error, never an exception in the daemon.
+for it or an answer waited WRITE_TIMEOUT to be taken. Bad input gets a JSON-RPC
+error, never an exception in the daemon.
 
 Methods (params by name):
 

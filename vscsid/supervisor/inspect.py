@@ -8,7 +8,9 @@ import os
 import time
 
 from vscsid import __version__
-from vscsid.virtio.defs import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
+from vscsid.virtio.defs import (
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+)
 from vscsid.virtio.scsi_wire import (
     FIRST_REQUEST_QUEUE, VIRTIO_SCSI_F_CHANGE, VIRTIO_SCSI_F_HOTPLUG, VIRTIO_SCSI_F_INOUT,
     VIRTIO_SCSI_F_T10_PI,

@@ -267,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("lun", metavar="T:L")
     a = sub.add_parser("lun-resize", help="apply the backing file's new size to a LUN")
     a.add_argument("lun", metavar="T:L")
+    a = sub.add_parser("inject", help="set a LUN's fault injection rules (vscsid --lun's "
+                       "inject= grammar; '' removes them)")
+    a.add_argument("lun", metavar="T:L")
+    a.add_argument("rules", metavar="RULES")
     sub.add_parser("stats", help="requests, bytes, errors, in flight, latency; workers")
     a = sub.add_parser("trace", help="stream the SCSI commands as they complete")
     a.add_argument("--lun", metavar="T:L", help="only this LUN (default: every command)")
@@ -314,6 +318,10 @@ def run(args) -> int:
             r = c.call("lun_resize", {"lun": args.lun})
             text = (f"LUN {r['lun']}: {size_text(r['old_size'])} -> {size_text(r['size'])}"
                     if r["changed"] else f"LUN {r['lun']}: size unchanged ({size_text(r['size'])})")
+        elif cmd == "inject":
+            r = c.call("lun_inject", {"lun": args.lun, "inject": args.rules})
+            text = f"LUN {r['lun']}: inject={r['inject']}" if r["inject"] else \
+                f"LUN {r['lun']}: no injected faults"
         elif cmd == "stats":
             r = c.call("stats")
             text = show_stats(r)

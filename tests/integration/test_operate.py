@@ -351,3 +351,23 @@ def test_counters_survive_a_worker_restart(start_daemon, make_image, guest_facto
     lun = st["luns"][0]
     assert lun["reads"] == before["reads"] + 5 and lun["in_flight"] == 0
     assert st["workers"][0]["restarts"] == 1
+
+
+def test_fault_injection_changed_through_vscsid_ctl(start_daemon, make_image, guest_factory):
+    img = make_image("a.img", 8 << 20)
+    d = start_daemon("--lun", str(img))
+    g = guest_factory(d)
+    assert g.command(vs.read10(16, 8), data_in_len=4096).response.ok
+    r = _ctl(d.admin_socket, "inject", "0:0", "medium@read:16-23")
+    assert (r.returncode, r.stdout) == (0, "LUN 0:0: inject=medium@read:16-23\n")
+    si = g.command(vs.read10(16, 8), data_in_len=4096).response.sense_key()
+    assert (si.key, si.asc) == (3, 0x11)                   # MEDIUM ERROR, unrecovered read
+    assert g.command(vs.read10(64, 8), data_in_len=4096).response.ok
+    assert [x["options"] for x in rpc(d.admin_socket, "lun_list")] == ["inject=medium@read:16-23"]
+    r = _ctl(d.admin_socket, "inject", "0:0", "")
+    assert (r.returncode, r.stdout) == (0, "LUN 0:0: no injected faults\n")
+    assert g.command(vs.read10(16, 8), data_in_len=4096).response.ok
+    r = _ctl(d.admin_socket, "inject", "0:0", "medium@sideways")
+    assert r.returncode == 1
+    r = _ctl(d.admin_socket, "inject", "3:3", "hang")
+    assert r.returncode == 1 and "no LUN 3:3" in r.stderr

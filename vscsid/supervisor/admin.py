@@ -21,6 +21,7 @@ lun_list        -                           [LUN]: address, backing, size, optio
 lun_add         spec (the --lun syntax)     the new LUN
 lun_remove      lun ("T:L" or "L")          the removed LUN
 lun_resize      lun                         lun, old_size, size, changed
+lun_inject      lun, inject                 lun, inject (the rules now; "" removes them)
 stats           -                           per queue, per LUN, per worker
 trace           lun?, count?                notifications "trace" (one per command),
                                             then {records, dropped}
@@ -134,6 +135,7 @@ class AdminServer:
         self.methods = {
             "status": self.m_status, "lun_list": self.m_lun_list, "lun_add": self.m_lun_add,
             "lun_remove": self.m_lun_remove, "lun_resize": self.m_lun_resize,
+            "lun_inject": self.m_lun_inject,
             "stats": self.m_stats, "trace": self.m_trace, "log_level": self.m_log_level,
             "reload": self.m_reload, "methods": self.m_methods,
         }
@@ -291,6 +293,21 @@ class AdminServer:
         target, number = _address(p["lun"])
         old, new = await self.sup.lunops.resize(target, number)
         return {"lun": f"{target}:{number}", "old_size": old, "size": new, "changed": old != new}
+
+    async def m_lun_inject(self, params):
+        """Fault injection rules of a LUN, changed at run time (vscsid.inject)."""
+        p = _params(params, {"lun": (str, int), "inject": str}, ("lun",))
+        target, number = _address(p["lun"])
+        lun = self.sup.luns.find(target, number)
+        if lun is None:
+            raise LunError(LunError.NOT_FOUND, f"no LUN {target}:{number}")
+        try:
+            canon = await self.sup.set_injections(lun.slot, p.get("inject") or "")
+        except ValueError as exc:
+            raise RpcError(INVALID_PARAMS, str(exc)) from None
+        except RuntimeError as exc:
+            raise LunError(LunError.FAILED, str(exc)) from None
+        return {"lun": lun.address, "inject": canon}
 
     async def m_stats(self, params):
         _params(params, {})

@@ -307,4 +307,12 @@ def options_text(spec: LunSpec) -> str:
     for k in ("serial", "vendor", "product"):
         if getattr(spec, k) != getattr(d, k):
             out.append(f"{k}={getattr(spec, k)}")
+    if spec.conf:
+        out.append(f"conf={spec.conf}")
+    if spec.client_id:
+        out.append(f"id={spec.client_id}")
+    if spec.hold != d.hold:
+        out.append(f"hold={spec.hold:g}")
+    if spec.inject:
+        out.append(f"inject={spec.inject}")
     return ",".join(out)

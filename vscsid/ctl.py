@@ -240,7 +240,8 @@ def trace_line(rec: dict) -> str:
         result = rec["status"] or "?"
         if rec.get("sense"):
             result += " " + rec["sense"]
-    return f"{t}  {where:<10} {rec['op']:<22} {rng:<20} {result}  {us_text(rec.get('latency_us'))}"
+    return (f"{t}  {where:<9} {rec['op']:<24} {rng:<17} {result}  "
+            f"{us_text(rec.get('latency_us'))}")
 
 
 # ----------------------------------------------------------------------------- commands

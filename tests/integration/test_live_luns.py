@@ -272,3 +272,26 @@ def test_concurrent_admin_changes_are_serialised(start_daemon, make_image, guest
         for qi in (2, 3):
             h = g.command(vs.read10(0, 1), lun=lun, data_in_len=512, queue=qi)
             assert h.response.ok or _sense(h)[0] == UA
+
+
+def test_the_driver_can_flush_a_removed_lun_before_it_goes(start_daemon, make_image,
+                                                           guest_factory):
+    """REMOVED comes first, while the LUN still serves: Linux's SYNCHRONIZE CACHE on
+    its way out succeeds; once the LUN is quiet it goes."""
+    a, b = make_image("a.img", 8 << 20), make_image("b.img", 8 << 20)
+    d = start_daemon("--lun", str(a), "--lun", str(b))
+    g = guest_factory(d)
+    _post(g)
+    done = []
+    t = threading.Thread(target=lambda: done.append(rpc(d.admin_socket, "lun_remove",
+                                                        {"lun": "0:1"})))
+    t.start()
+    try:
+        (ev,) = _events(g)
+        assert ev.reason == vs.VIRTIO_SCSI_EVT_RESET_REMOVED and not done
+        h = g.command(vs.sync_cache10(), lun=1)
+        assert h.response.ok, h.response
+    finally:
+        t.join(30)
+    assert done and done[0]["lun"] == "0:1"
+    assert _sense(g.command(vs.sync_cache10(), lun=1)) == (5, 0x25, 0)

@@ -42,8 +42,7 @@ def status(sup) -> dict:
     if s is not None:
         dev = s.device
         frontend.update(conn=s.conn_id, features=feature_names(dev.acked_features),
-                        features_hex=hex(dev.acked_features),
-                        driver_ok=bool(dev.status & 4), status=dev.status)
+                        features_hex=hex(dev.acked_features))
         for ring in dev.rings:
             kind = ("control" if ring.index == 0 else "event" if ring.index == 1
                     else f"request {ring.index - FIRST_REQUEST_QUEUE}")

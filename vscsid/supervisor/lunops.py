@@ -7,11 +7,14 @@ Each operation runs under one lock, in this order:
   state record starts with a POWER ON unit attention); every worker opens its
   backend (AddLun); the other LUNs of the target get REPORTED LUNS DATA HAS
   CHANGED; the driver gets TRANSPORT_RESET / RESCAN for the new address.
-* **remove**: the LUN is marked removing (a replacement worker would not get
-  it); every worker stops serving it at once (its later requests get a missing
-  LUN's answer) and answers once the LUN has nothing in flight (RemoveLun); the
-  backing file is flushed and closed; the other LUNs of the target get REPORTED
-  LUNS DATA HAS CHANGED; the driver gets TRANSPORT_RESET / REMOVED.
+* **remove**: the driver gets TRANSPORT_RESET / REMOVED first, while the LUN
+  still serves, so that it can let go of the disk cleanly (Linux flushes it with
+  SYNCHRONIZE CACHE, which then succeeds); once the LUN's commands have stopped
+  (QUIET seconds without one, GRACE at most) it is marked removing (a
+  replacement worker would not get it); every worker stops serving it (its later
+  requests get a missing LUN's answer) and answers once the LUN has nothing in
+  flight (RemoveLun); the backing file is flushed and closed; the other LUNs of
+  the target get REPORTED LUNS DATA HAS CHANGED.
 * **resize**: the backing size is read again; every worker applies it
   (ResizeLun; a shrink waits until the LUN has nothing in flight); the LUN gets
   CAPACITY DATA HAS CHANGED; the driver gets PARAM_CHANGE 2A/09.
@@ -38,6 +41,10 @@ from .workerpool import WorkerGone
 
 #: how long a worker may take to drain a LUN's requests in flight before removal
 DRAIN_TIMEOUT = 120.0
+#: after the REMOVED event: the LUN goes once it had no command for QUIET seconds (the
+#: driver let go of it), or after GRACE seconds at most
+QUIET = 0.5
+GRACE = 5.0
 
 
 class LunError(Exception):
@@ -119,6 +126,9 @@ class LunManager:
     async def remove(self, target: int, number: int) -> Lun:
         async with self.lock:
             lun = self.find(target, number)
+            ev = self._events()
+            if ev is not None and ev.lun_removed(target, number):
+                await self._quiet(lun)
             lun.state = REMOVING
             errors = await self._all_workers(lambda: M.RemoveLun(slot=lun.slot), DRAIN_TIMEOUT)
             if errors:
@@ -135,10 +145,33 @@ class LunManager:
             for other in self.table.on_target(target):
                 self.table.establish(other, lunstate.UA_LUNS_CHANGED)
             self.log.info("lun_removed", lun=lun.address, path=lun.spec.path)
-            ev = self._events()
-            if ev is not None:
-                ev.lun_removed(target, number)
             return lun
+
+    def _commands(self, lun: Lun) -> tuple[int, int]:
+        """(commands completed so far, commands in flight) of the LUN, on every queue
+        (the statistics pages)."""
+        done = busy = 0
+        for w in self.sup.workers:
+            if w.stats is not None:
+                ls = w.stats.lun(lun.slot)
+                done += sum(ls["ops"])
+                busy += ls["in_flight"]
+        return done, busy
+
+    async def _quiet(self, lun: Lun) -> None:
+        """Wait until the driver stopped using the LUN (QUIET seconds without a command
+        completing and nothing in flight), GRACE seconds at most."""
+        loop = asyncio.get_running_loop()
+        start = last_change = loop.time()
+        seen, _ = self._commands(lun)
+        while True:
+            await asyncio.sleep(0.05)
+            now = loop.time()
+            done, busy = self._commands(lun)
+            if done != seen or busy:
+                seen, last_change = done, now
+            if now - last_change >= QUIET or now - start >= GRACE:
+                return
 
     # ------------------------------------------------------------------ resize
     async def resize(self, target: int, number: int) -> tuple[int, int]:

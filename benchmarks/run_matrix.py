@@ -109,12 +109,16 @@ class Backend:
     disk: bool = False              # on the host's disk: drop the page cache before each run
 
 
+#: more vscsid options for every vscsid row (--vscsid-args, e.g. "--latency-sample 0")
+VSCSID_EXTRA: list[str] = []
+
+
 def vscsid_backend(name: str, lun: str, workdir: Path, queues: int = 2, note: str = "") -> Backend:
     sock = str(workdir / f"{name}.sock")
     return Backend(name, "vscsid", "scsi",
                    [sys.executable, "-m", "vscsid.cli", "--socket-path", sock, "--lun", lun,
                     "--num-queues", str(queues), "--quiet", "--log-format", "json",
-                    "--log-level", "info"],
+                    "--log-level", "info", *VSCSID_EXTRA],
                    note=note, socket_path=sock)
 
 
@@ -492,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ramp", type=float, default=1.0, help="warm-up seconds per run (default 1)")
     ap.add_argument("--json-out", help="write every result (incl. the raw bench JSON) here")
     ap.add_argument("--only", help="comma-separated backends to run (default: all)")
+    ap.add_argument("--vscsid-args", default="", metavar="ARGS",
+                    help="more options for every vscsid row, e.g. \"--latency-sample 0\" (what the "
+                         "latency histograms cost, docs/performance.md)")
     ap.add_argument("--quick", action="store_true", help="1 s runs, 0.3 s ramp (smoke-testing the script)")
     ap.add_argument("--workdir", help="where sockets and the image go (default: a new dir in /dev/shm)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -521,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.seconds, args.ramp = 1.0, 0.3
     only = set(args.only.split(",")) if args.only else None
+    VSCSID_EXTRA[:] = args.vscsid_args.split()
 
     base = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="vscsid-matrix-",
                                                                           dir="/dev/shm"))

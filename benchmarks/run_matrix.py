@@ -291,7 +291,10 @@ REPEAT = 1
 
 def bench(b: Backend | None, **kw) -> dict:
     """One measurement: the median of REPEAT runs (by IOPS), each a noisy-neighbour-checked one."""
-    runs = [_bench_quiet(b, **kw) for _ in range(REPEAT)]
+    return _median([_bench_quiet(b, **kw) for _ in range(REPEAT)])
+
+
+def _median(runs: list[dict]) -> dict:
     good = [r for r in runs if not r.get("fatal")] or runs
     good.sort(key=lambda r: r.get("iops") or 0)
     res = dict(good[len(good) // 2])
@@ -694,33 +697,46 @@ def run_disk_rows(args, base: Path, only, out: dict) -> None:
     ]
     if shutil.which("qemu-storage-daemon"):
         backends += [
-            qsd_backend("qsd-disk", f"driver=file,node-name=disk,filename={img}", base, queues=1,
-                        note="host disk, defaults (aio=threads, buffered)"),
+            # locking=off: the two run side by side on one image (QEMU would refuse a second
+            # writer); it changes nothing on the data path.
+            qsd_backend("qsd-disk", f"driver=file,node-name=disk,filename={img},locking=off", base,
+                        queues=1, note="host disk, defaults (aio=threads, buffered)"),
             qsd_backend("qsd-disk-native", f"driver=file,node-name=disk,filename={img},aio=native,"
-                                           "cache.direct=on", base, queues=1,
+                                           "cache.direct=on,locking=off", base, queues=1,
                         note="host disk, aio=native, O_DIRECT"),
         ]
     if only:
         backends = [b for b in backends if b.name in only] or backends
-    for b in backends:
-        b.disk = True
-        ok = start(b, base)
-        out["backends"][b.name] = {"cmd": b.args, "note": b.note, "status": b.status}
-        print(f"\n### {b.name}: {b.note}: {b.status}", flush=True)
-        if not ok:
-            continue
-        try:
-            for rw, flush in DISK_WORKLOADS:
-                for qd in (1, 32):
-                    res = bench(b, rw=rw, iodepth=qd, queues=1, seconds=args.seconds,
-                                ramp=args.ramp, flush_every=flush)
-                    label = rw + (f"+flush/{flush}" if flush else "")
-                    r = row(b.name, res, rw=label, qd=qd, queues=1)
+    # A disk's speed drifts over minutes (other tenants of the host, its own write-back), so
+    # the daemons run side by side: all started at once, and each measurement taken in turn
+    # from every daemon (REPEAT rounds), instead of one daemon's whole series after another's.
+    started = []
+    try:
+        for b in backends:
+            b.disk = True
+            ok = start(b, base)
+            out["backends"][b.name] = {"cmd": b.args, "note": b.note, "status": b.status}
+            print(f"\n### {b.name}: {b.note}: {b.status}", flush=True)
+            if ok:
+                started.append(b)
+        print(f"\n### interleaved: {', '.join(b.name for b in started)}", flush=True)
+        for rw, flush in DISK_WORKLOADS:
+            for qd in (1, 32):
+                label = rw + (f"+flush/{flush}" if flush else "")
+                runs: dict[str, list[dict]] = {b.name: [] for b in started}
+                for _ in range(REPEAT):
+                    for b in started:
+                        runs[b.name].append(_bench_quiet(b, rw=rw, iodepth=qd, queues=1,
+                                                         seconds=args.seconds, ramp=args.ramp,
+                                                         flush_every=flush))
+                for b in started:
+                    r = row(b.name, _median(runs[b.name]), rw=label, qd=qd, queues=1)
                     out["disk"].append(r)
-                    print(f"  {label:16s} qd{qd:<2d}: {_f(r['iops'], ',.0f'):>10s} IOPS  "
+                    print(f"  {b.name:16s} {label:16s} qd{qd:<2d}: {_f(r['iops'], ',.0f'):>10s} IOPS  "
                           f"p50 {_f(r['p50_us'], '8.1f')} us  daemon {_f(r['daemon_us_per_io'], '6.2f')} us/io",
                           flush=True)
-        finally:
+    finally:
+        for b in backends:
             stop(b)
 
 

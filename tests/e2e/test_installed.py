@@ -35,10 +35,10 @@ pytestmark = [pytest.mark.timeout(400),
                                  reason="VSCSID_TEST_INSTALLED=1 (the Debian package installed)")]
 
 INSTANCE = "e2e"
-TARGET = f"""[Unit]
+TARGET = """[Unit]
 Description=vscsid installed-package test
-Requires=sysinit.target vscsid@{INSTANCE}.socket
-After=sysinit.target vscsid@{INSTANCE}.socket
+Requires=sysinit.target vscsid@{instance}.socket {extra}
+After=sysinit.target vscsid@{instance}.socket {extra}
 AllowIsolate=yes
 """
 
@@ -46,7 +46,10 @@ AllowIsolate=yes
 class Container:
     """A systemd container on an overlay of /, booted into TARGET."""
 
-    def __init__(self, base: Path, run_dir: Path):
+    def __init__(self, base: Path, run_dir: Path, env: str = 'VSCSID_ARGS="--num-queues 2"\n',
+                 files: dict[str, str] | None = None, units: tuple[str, ...] = ()):
+        """``files``: more files for the container (path under / -> text); ``units``: more
+        units the target starts (their files among ``files``)."""
         self.base = base
         self.root = base / "root"
         self.upper = base / "upper"
@@ -60,9 +63,14 @@ class Container:
                      f"lowerdir=/,upperdir={self.upper}/u,workdir={self.upper}/w", str(self.root)], self.root)
         ids = subprocess.run(["systemd-id128", "new"], capture_output=True, text=True, check=True)
         (self.root / "etc/machine-id").write_text(ids.stdout)
-        (self.root / "etc/systemd/system/vscsid-test.target").write_text(TARGET)
+        (self.root / "etc/systemd/system/vscsid-test.target").write_text(
+            TARGET.format(instance=INSTANCE, extra=" ".join(units)))
         (self.root / "etc/vscsid").mkdir(exist_ok=True)
-        (self.root / f"etc/vscsid/{INSTANCE}.env").write_text('VSCSID_ARGS="--num-queues 2"\n')
+        (self.root / f"etc/vscsid/{INSTANCE}.env").write_text(env)
+        for path, text in (files or {}).items():
+            where = self.root / path.lstrip("/")
+            where.parent.mkdir(parents=True, exist_ok=True)
+            where.write_text(text)
         self.console = open(base / "container.log", "wb")
         self.proc = subprocess.Popen(
             ["systemd-nspawn", "--quiet", "-D", str(self.root), "--keep-unit", "--register=no",
@@ -179,4 +187,52 @@ def test_socket_activated_unit_serves_a_guest(e2e_initramfs):
         if ct is not None:
             ct.close()
         if not os.path.ismount(base / "root"):     # never remove through a live overlay of /
+            shutil.rmtree(base, ignore_errors=True)
+
+
+NBDKIT_UNIT = """[Unit]
+Description=an NBD server for the network LUN test
+[Service]
+ExecStart=/usr/bin/nbdkit --foreground --ipaddr 127.0.0.1 --port 10809 memory 64M
+"""
+DROP_IN = Path("/usr/share/doc/vscsid/examples/network-luns.conf")
+
+
+def test_network_lun_under_the_unit_with_the_drop_in(e2e_initramfs):
+    """The hardened unit with the packaged drop-in for network LUNs serves a guest a disk from
+    an NBD server over TCP (nbdkit in the container, on its loopback)."""
+    assert DROP_IN.is_file(), "the package ships the network-LUN drop-in"
+    if shutil.which("nbdkit") is None:
+        pytest.fail("nbdkit is missing (apt-get install nbdkit)")
+    base = Path(tempfile.mkdtemp(prefix="vscsid-nspawn-"))
+    run_dir = base / "run-vscsid"
+    run_dir.mkdir(mode=0o755)
+    ct = None
+    try:
+        ct = Container(base, run_dir, env='VSCSID_ARGS="--lun nbd://127.0.0.1:10809/"\n',
+                       files={"/etc/systemd/system/nbdkit-test.service": NBDKIT_UNIT,
+                              f"/etc/systemd/system/vscsid@{INSTANCE}.service.d/network.conf":
+                                  DROP_IN.read_text()},
+                       units=("nbdkit-test.service",))
+        sock = run_dir / f"{INSTANCE}.sock"
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            assert ct.proc.poll() is None and time.monotonic() < deadline, ct.log()
+            time.sleep(0.1)
+        disks = [DiskSpec(size=64 << 20)]
+        res = run_guest_checks(disks=disks, socket_path=sock, queues=1, smp=1, initramfs=e2e_initramfs,
+                               workdir=base / "guest")
+        problems = check_disk_results(res, disks, queues=1, smp=1)
+        journal = ct.run("journalctl", "--no-pager", "-o", "cat", "-u", f"vscsid@{INSTANCE}.service")
+        assert problems == [], "\n".join(problems) + "\n" + res.console(tail=40) + journal[-3000:]
+        assert '"event": "network_lun"' in journal and '"connected": true' in journal, journal[-3000:]
+        st = _status(_supervisor(pwd.getpwnam("vscsid").pw_uid).pid)
+        assert st["NoNewPrivs"] == "1" and st["Seccomp"] == "2", st     # still sandboxed
+        ct.run("systemctl", "stop", f"vscsid@{INSTANCE}.service")
+        show = ct.run("systemctl", "show", f"vscsid@{INSTANCE}.service", "-p", "Result")
+        assert "Result=success" in show, show
+    finally:
+        if ct is not None:
+            ct.close()
+        if not os.path.ismount(base / "root"):
             shutil.rmtree(base, ignore_errors=True)

@@ -50,9 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="permissions of the created socket (octal, default 0600)")
     src.add_argument("--socket-owner", metavar="USER", help="owner of the created socket")
     src.add_argument("--socket-group", metavar="GROUP", help="group of the created socket")
-    src.add_argument("--config", metavar="FILE",
-                     help="read settings and LUNs from this TOML file (command-line options "
-                          "override it); SIGHUP re-reads it and applies its LUN changes")
+    conf = src.add_mutually_exclusive_group()
+    conf.add_argument("--config", metavar="FILE",
+                      help="read settings and LUNs from this TOML file (command-line options "
+                           "override it); SIGHUP re-reads it and applies its LUN changes")
+    conf.add_argument("--config-if-exists", metavar="FILE",
+                      help="as --config, but a FILE that does not exist is no error (the "
+                           "packaged unit passes /etc/vscsid/NAME.toml); SIGHUP reads it once "
+                           "it exists")
     ops = p.add_argument_group("operation")
     ops.add_argument("--admin-socket", metavar="PATH",
                      help="JSON-RPC admin socket for vscsid-ctl (mode 0600; default: the "
@@ -201,9 +206,11 @@ def _option_table(parser: argparse.ArgumentParser) -> dict[str, tuple[bool, bool
     return out
 
 
-def read_config_file(path: str) -> tuple[argparse.Namespace, list[LunSpec]]:
-    """The settings (as the command line would give them) and LUNs of a configuration
-    file, checked (ConfigError); what SIGHUP applies."""
+def read_config_file(path: str, command_line: list[str] = ()) -> tuple[argparse.Namespace,
+                                                                        list[LunSpec]]:
+    """The settings and LUNs of a configuration file, checked (ConfigError); what SIGHUP
+    applies. The settings are the file's overridden by ``command_line`` (the daemon's
+    own), as at start; the LUNs are the file's only."""
     from .configfile import load
 
     parser = build_parser()
@@ -212,7 +219,7 @@ def read_config_file(path: str) -> tuple[argparse.Namespace, list[LunSpec]]:
     for spec in specs:
         check_lun_path(spec)
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(argv + list(command_line))
     except SystemExit:
         raise ConfigError(f"{path}: bad settings (see the log line above)") from None
     return args, specs
@@ -223,10 +230,11 @@ def parse_config(argv: list[str] | None) -> tuple[DaemonConfig, argparse.Namespa
     argv = list(sys.argv[1:] if argv is None else argv)
     pre, _ = parser.parse_known_args(argv)
     file_luns: list[str] = []
-    if pre.config:
+    path = pre.config or pre.config_if_exists
+    if path and (pre.config or os.path.exists(path)):
         from .configfile import load
 
-        file_argv, file_luns = load(pre.config, _option_table(parser))
+        file_argv, file_luns = load(path, _option_table(parser))
         argv = file_argv + argv          # the command line comes last: it wins
     args = parser.parse_args(argv)
     args.file_luns = file_luns
@@ -259,7 +267,7 @@ def parse_config(argv: list[str] | None) -> tuple[DaemonConfig, argparse.Namespa
     cfg = DaemonConfig(
         admin_socket=admin, latency_sample=args.latency_sample,
         metrics_address=parse_host_port(args.metrics_address) if args.metrics_address else None,
-        config_file=os.path.abspath(args.config) if args.config else None,
+        config_file=os.path.abspath(path) if path else None,
         config_luns=config_specs,
         socket_path=args.socket_path, listen_fd=_listen_fd(args.fd), luns=specs, num_queues=args.num_queues,
         queue_size=args.queue_size, log_format=args.log_format, log_level=args.log_level,
@@ -381,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                      admin_listener=admin, metrics_listener=metrics)
     sup.early_signals = early
     if cfg.config_file:
-        sup.read_config = lambda: read_config_file(cfg.config_file)
+        sup.read_config = lambda: read_config_file(cfg.config_file, argv)
     try:
         # asyncio.Runner with uvloop's loop is what uvloop.run() (uvloop >= 0.18) does;
         # Debian 12 ships uvloop 0.17, which has no run().

@@ -35,7 +35,7 @@ import tomllib
 from .config import ConfigError
 
 #: options that make no sense in a file
-_NOT_IN_FILE = {"config", "print-capabilities", "version", "help"}
+_NOT_IN_FILE = {"config", "config-if-exists", "print-capabilities", "version", "help"}
 
 
 def _relative_to(base: str, text: str) -> str:
@@ -80,11 +80,11 @@ def load(path: str, options: dict[str, tuple[bool, bool]]) -> tuple[list[str], l
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"--config {path!r} does not exist") from None
+        raise ConfigError(f"configuration file {path!r} does not exist") from None
     except OSError as exc:
-        raise ConfigError(f"--config {path!r}: {exc.strerror}") from None
+        raise ConfigError(f"configuration file {path!r}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"--config {path!r}: {exc}") from None
+        raise ConfigError(f"configuration file {path!r}: {exc}") from None
     argv: list[str] = []
     luns: list[str] = []
     for key, value in data.items():

@@ -8,13 +8,16 @@ booting only sysinit.target plus vscsid@e2e.socket.  The container's /run/vscsid
 is a host directory, so the host's QEMU (the e2e harness) connects to the socket
 systemd listens on, and systemd starts /usr/bin/vscsid under /usr/bin/python3 as
 user vscsid with the unit's sandbox.  The guest runs the full disk checks; the
-host checks the daemon's credentials and seccomp state in /proc, and that the
-service stops cleanly.
+host checks the daemon's credentials and seccomp state in /proc, talks to it with
+the packaged vscsid-ctl through /run/vscsid/NAME.ctl, adds a LUN to
+/etc/vscsid/NAME.toml and reloads the unit, and checks that the service stops
+cleanly.
 
 Runs with ``VSCSID_TEST_INSTALLED=1`` (CI, after installing the .deb).
 """
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -46,10 +49,11 @@ AllowIsolate=yes
 class Container:
     """A systemd container on an overlay of /, booted into TARGET."""
 
-    def __init__(self, base: Path, run_dir: Path, env: str = 'VSCSID_ARGS="--num-queues 2"\n',
+    def __init__(self, base: Path, run_dir: Path, env: str | None = None,
                  files: dict[str, str] | None = None, units: tuple[str, ...] = ()):
-        """``files``: more files for the container (path under / -> text); ``units``: more
-        units the target starts (their files among ``files``)."""
+        """``env``: /etc/vscsid/NAME.env (None: none); ``files``: more files for the
+        container (path under / -> text); ``units``: more units the target starts (their
+        files among ``files``)."""
         self.base = base
         self.root = base / "root"
         self.upper = base / "upper"
@@ -66,7 +70,8 @@ class Container:
         (self.root / "etc/systemd/system/vscsid-test.target").write_text(
             TARGET.format(instance=INSTANCE, extra=" ".join(units)))
         (self.root / "etc/vscsid").mkdir(exist_ok=True)
-        (self.root / f"etc/vscsid/{INSTANCE}.env").write_text(env)
+        if env is not None:
+            (self.root / f"etc/vscsid/{INSTANCE}.env").write_text(env)
         for path, text in (files or {}).items():
             where = self.root / path.lstrip("/")
             where.parent.mkdir(parents=True, exist_ok=True)
@@ -147,7 +152,8 @@ def test_socket_activated_unit_serves_a_guest(e2e_initramfs):
     run_dir.mkdir(mode=0o755)
     ct = None
     try:
-        ct = Container(base, run_dir)
+        # The settings in /etc/vscsid/NAME.toml, as docs/deploy.md shows them.
+        ct = Container(base, run_dir, files={f"/etc/vscsid/{INSTANCE}.toml": "num-queues = 2\n"})
         sock = run_dir / f"{INSTANCE}.sock"
         deadline = time.monotonic() + 60
         while not sock.exists():
@@ -176,6 +182,29 @@ def test_socket_activated_unit_serves_a_guest(e2e_initramfs):
         show = ct.run("systemctl", "show", f"vscsid@{INSTANCE}.service", "-p", "ActiveState",
                       "-p", "StatusText", "-p", "User")
         assert "ActiveState=active" in show and "User=vscsid" in show, show
+
+        # Operated live: the packaged vscsid-ctl on the unit's admin socket, and a LUN that
+        # `systemctl reload` adds from the configuration file.
+        ctl = ["/usr/bin/vscsid-ctl", "-s", str(run_dir / f"{INSTANCE}.ctl"), "--json"]
+        status = json.loads(subprocess.run([*ctl, "status"], capture_output=True, text=True,
+                                           check=True, timeout=30).stdout)
+        assert status["pid"] == sup.pid and len(status["workers"]) == 2, status
+        assert status["config_file"] == f"/etc/vscsid/{INSTANCE}.toml", status
+        data = ct.root / f"var/lib/vscsid/{INSTANCE}-data.img"
+        data.write_bytes(b"")
+        os.truncate(data, 64 << 20)
+        os.chown(data, uid, pwd.getpwnam("vscsid").pw_gid)
+        (ct.root / f"etc/vscsid/{INSTANCE}.toml").write_text(
+            f'num-queues = 2\nlun = ["/var/lib/vscsid/{INSTANCE}-data.img,serial=DATA"]\n')
+        ct.run("systemctl", "reload", f"vscsid@{INSTANCE}.service")
+        deadline = time.monotonic() + 30
+        while True:
+            luns = json.loads(subprocess.run([*ctl, "luns"], capture_output=True, text=True,
+                                             check=True, timeout=30).stdout)
+            if len(luns) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert [(x["lun"], x["size"]) for x in luns] == [("0:0", 1 << 30), ("0:1", 64 << 20)], luns
         ct.run("systemctl", "stop", f"vscsid@{INSTANCE}.service")
         show = ct.run("systemctl", "show", f"vscsid@{INSTANCE}.service", "-p", "Result",
                       "-p", "ExecMainStatus")

@@ -257,6 +257,29 @@ def test_config_file_and_sighup_apply_lun_changes(tmp_path, make_image, guest_fa
         assert d.stop() == 0
 
 
+def test_a_config_file_that_comes_later(tmp_path, make_image):
+    """``--config-if-exists`` (as the packaged unit runs the daemon): started without the
+    file, the daemon serves its default image; once the file exists, SIGHUP adds its LUNs."""
+    from tests.daemon import Daemon
+
+    a = make_image("later.img", 8 << 20)
+    sock = tmp_path / "later.sock"
+    conf = tmp_path / "vm1.toml"
+    d = Daemon(tmp_path, ["--config-if-exists", str(conf), "--default-image",
+                          str(tmp_path / "default.img")], sock)
+    try:
+        assert [x["backing"] for x in rpc(d.admin_socket, "lun_list")] == [str(tmp_path / "default.img")]
+        d.proc.send_signal(signal.SIGHUP)            # still no file: an error, nothing changes
+        d.wait_for_log("reload_failed")
+        _write_config(conf, sock, [{"path": str(a), "lun": 1}])
+        d.proc.send_signal(signal.SIGHUP)
+        rec = d.wait_for_log("config_reloaded")
+        assert rec["added"] == ["0:1"]
+        assert [x["lun"] for x in rpc(d.admin_socket, "lun_list")] == ["0:0", "0:1"]
+    finally:
+        assert d.stop() == 0
+
+
 def test_log_level_changes_the_daemon_and_its_workers(start_daemon, make_image, guest_factory):
     img = make_image("a.img", 8 << 20)
     d = start_daemon("--lun", str(img), "--log-level", "info")

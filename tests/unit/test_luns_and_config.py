@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vscsid import lunstate
-from vscsid.cli import _option_table, build_parser, parse_config
+from vscsid.cli import _option_table, build_parser, parse_config, read_config_file
 from vscsid.config import ConfigError, LunSpec
 from vscsid.configfile import load
 from vscsid.supervisor.luns import LunTable, options_text, parse_address
@@ -152,7 +152,7 @@ discard = false
     ("lun = [{ro = true}]\n", "needs path"),
     ("lun = [{path = 'a', serial = 'x,ro'}]\n", "no ','"),
     ("lun = [3]\n", "a string or a table"),
-    ("lun = [\n", "--config"),
+    ("lun = [\n", "configuration file"),
 ])
 def test_bad_config_files(tmp_path, text, error):
     with pytest.raises(ConfigError, match=error):
@@ -162,3 +162,34 @@ def test_bad_config_files(tmp_path, text, error):
 def test_a_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load(str(tmp_path / "nope.toml"), _option_table(build_parser()))
+
+
+def test_config_if_exists(tmp_path, monkeypatch):
+    """The packaged unit's ``--config-if-exists /etc/vscsid/NAME.toml``: no file is no
+    error (the default image serves), a file is read as --config reads it."""
+    path = str(tmp_path / "vm1.toml")
+    image = tmp_path / "default.img"
+    cfg, _ = parse_config(["--socket-path", str(tmp_path / "s.sock"), "--config-if-exists", path,
+                           "--default-image", str(image)])
+    assert cfg.config_file == path and cfg.config_luns == ()
+    assert [s.path for s in cfg.luns] == [str(image)] and image.stat().st_size > 0
+    (tmp_path / "a.img").write_bytes(b"\0" * 4096)
+    _conf(tmp_path, "num-queues = 3\nlun = ['a.img']\n")
+    cfg, _ = parse_config(["--socket-path", str(tmp_path / "s.sock"),
+                           "--config-if-exists", str(tmp_path / "v.toml")])
+    assert cfg.num_queues == 3 and [s.path for s in cfg.config_luns] == [str(tmp_path / "a.img")]
+    with pytest.raises(SystemExit):          # one or the other
+        parse_config(["--config", path, "--config-if-exists", path])
+
+
+def test_a_reload_keeps_the_command_line_over_the_file(tmp_path):
+    """At SIGHUP, as at start, the daemon's command line overrides the file's settings;
+    the LUNs are the file's alone."""
+    (tmp_path / "a.img").write_bytes(b"\0" * 4096)
+    path = _conf(tmp_path, "log-level = 'warning'\nnum-queues = 2\nlun = ['a.img']\n")
+    args, specs = read_config_file(path, ["--fd", "3", "--config", path, "--log-level", "debug",
+                                          "--lun", "null:1G"])
+    assert args.log_level == "debug" and args.num_queues == 2
+    assert [s.path for s in specs] == [str(tmp_path / "a.img")]
+    args, _ = read_config_file(path)
+    assert args.log_level == "warning"

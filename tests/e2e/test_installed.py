@@ -188,7 +188,8 @@ def test_socket_activated_unit_serves_a_guest(e2e_initramfs):
         ctl = ["/usr/bin/vscsid-ctl", "-s", str(run_dir / f"{INSTANCE}.ctl"), "--json"]
         status = json.loads(subprocess.run([*ctl, "status"], capture_output=True, text=True,
                                            check=True, timeout=30).stdout)
-        assert status["pid"] == sup.pid and len(status["workers"]) == 2, status
+        ns_pid = int(_status(sup.pid)["NSpid"].split()[-1])      # its pid in the container
+        assert status["pid"] == ns_pid and len(status["workers"]) == 2, status
         assert status["config_file"] == f"/etc/vscsid/{INSTANCE}.toml", status
         data = ct.root / f"var/lib/vscsid/{INSTANCE}-data.img"
         data.write_bytes(b"")

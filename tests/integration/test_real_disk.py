@@ -165,3 +165,33 @@ def test_memory_file_reads_are_copies_of_its_pages(start_daemon, guest_factory, 
             assert ring_stats(d, g)["fast"] == 8      # every request took the fast path
     finally:
         os.unlink(img)
+
+
+def test_tmpfs_writes_stay_inline_when_workers_share_a_cpu(start_daemon, engine, tmp_path):
+    """A slow inline write sends a LUN's writes to io_uring for a while (they may be
+    waiting for writeback). A memory file has nothing to wait for: two workers on one CPU
+    preempt each other in the middle of writes, and that must not count as blocking."""
+    import subprocess
+    import sys
+
+    if engine == "python":
+        pytest.skip("the reference engine has no inline/async choice")
+    img = f"/dev/shm/vscsid-inline-{os.getpid()}.img"
+    with open(img, "wb") as f:
+        f.truncate(64 << 20)
+    try:
+        d = start_daemon("--lun", img, "--num-queues", "2", "--cpu-affinity",
+                         str(min(os.sched_getaffinity(0))))
+        p = subprocess.run([sys.executable, "-m", "vscsid.bench", "--json", "--socket-path",
+                            str(d.socket_path), "--rw", "randwrite", "--iodepth", "32",
+                            "--queues", "2", "--seconds", "2", "--ramp", "0.2"],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        stops = wait_for(lambda: (lambda s: s if len(s) >= 2 else None)(
+            [r for r in d.events("ring_stopped") if r.get("writes_blocked") is not None]),
+            what="both rings' counters")
+        assert sum(r["fast"] for r in stops) > 10000, stops
+        assert [r["writes_blocked"] for r in stops] == [0, 0], stops
+        assert [r["async"] for r in stops] == [0, 0], stops
+    finally:
+        os.unlink(img)

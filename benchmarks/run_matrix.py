@@ -45,6 +45,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import subprocess
@@ -107,6 +108,7 @@ class Backend:
     extra: dict = field(default_factory=dict)
     cgroup: str | None = None       # the daemon's cpuacct group
     disk: bool = False              # on the host's disk: drop the page cache before each run
+    cwd: str | None = None          # where the daemon starts (another build: not this tree)
 
 
 #: more vscsid options for every vscsid row (--vscsid-args, e.g. "--latency-sample 0")
@@ -120,6 +122,23 @@ def vscsid_backend(name: str, lun: str, workdir: Path, queues: int = 2, note: st
                     "--num-queues", str(queues), "--quiet", "--log-format", "json",
                     "--log-level", "info", *VSCSID_EXTRA],
                    note=note, socket_path=sock)
+
+
+def build_backend(spec: str, lun: str, workdir: Path) -> Backend:
+    """A vscsid-file row served by another build of vscsid (``--build "LABEL=PYTHON [ARGS]"``:
+    the interpreter of a virtualenv where that commit is installed, and options for it). It
+    starts outside this tree so that ``-m vscsid.cli`` imports that build."""
+    words = shlex.split(spec)
+    label, sep, python = words[0].partition("=") if words else ("", "", "")
+    if not (sep and label and python):
+        raise SystemExit(f"--build {spec!r}: LABEL=PYTHON [ARGS]")
+    b = vscsid_backend(f"vscsid-file@{label}", lun, workdir, note=f"256 MiB file on tmpfs, {python}")
+    b.args = [python, *b.args[1:]]
+    if len(words) > 1:
+        b.args = b.args[:len(b.args) - len(VSCSID_EXTRA)] + words[1:]   # its own options
+        b.note += " " + " ".join(words[1:])
+    b.cwd = str(workdir)
+    return b
 
 
 def qsd_backend(name: str, blockdev: str, workdir: Path, queues: int = 2, note: str = "",
@@ -209,7 +228,7 @@ def start(b: Backend, workdir: Path, timeout: float = 30.0) -> bool:
     log = open(b.log_path, "wb")
     b.cgroup = _cgroup_for(b.name)
     b.proc = subprocess.Popen(b.args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                              preexec_fn=_daemon_preexec(b.cgroup))
+                              preexec_fn=_daemon_preexec(b.cgroup), cwd=b.cwd)
     log.close()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -502,6 +521,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vscsid-args", default="", metavar="ARGS",
                     help="more options for every vscsid row, e.g. \"--latency-sample 0\" (what the "
                          "latency histograms cost, docs/performance.md)")
+    ap.add_argument("--build", action="append", default=[], metavar="'LABEL=PYTHON [ARGS]'",
+                    help="also a vscsid-file row served by another build: the python of a "
+                         "virtualenv with that commit installed, and options for it (repeatable; "
+                         "--only vscsid-file@LABEL selects it); for before/after tables")
     ap.add_argument("--quick", action="store_true", help="1 s runs, 0.3 s ramp (smoke-testing the script)")
     ap.add_argument("--workdir", help="where sockets and the image go (default: a new dir in /dev/shm)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -558,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     backends = [
         vscsid_backend("vscsid-null", f"null:{IMAGE_SIZE}", base, note="null LUN (reads zero-filled)"),
         vscsid_backend("vscsid-file", str(img), base, note="256 MiB file on tmpfs"),
+        *(build_backend(spec, str(img), base) for spec in args.build),
     ]
     if have_qsd:
         backends += [

@@ -525,6 +525,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="also a vscsid-file row served by another build: the python of a "
                          "virtualenv with that commit installed, and options for it (repeatable; "
                          "--only vscsid-file@LABEL selects it); for before/after tables")
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="tmpfs rows too: start every daemon at once and take each measurement in "
+                         "turn from each (as the real-disk rows always do), so that the machine's "
+                         "drift over minutes does not fall between two daemons")
     ap.add_argument("--quick", action="store_true", help="1 s runs, 0.3 s ramp (smoke-testing the script)")
     ap.add_argument("--workdir", help="where sockets and the image go (default: a new dir in /dev/shm)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -584,20 +588,22 @@ def main(argv: list[str] | None = None) -> int:
         *(build_backend(spec, str(img), base) for spec in args.build),
     ]
     if have_qsd:
+        # locking=off: with --side-by-side they share the image (QEMU would refuse a second
+        # writer); it changes nothing on the data path.
         backends += [
             qsd_backend("qsd-null", f"driver=null-co,node-name=disk,size={IMAGE_SIZE},read-zeroes=on",
                         base, note="null-co, read-zeroes=on"),
-            qsd_backend("qsd-threads", f"driver=file,node-name=disk,filename={img},aio=threads,"
+            qsd_backend("qsd-threads", f"driver=file,node-name=disk,filename={img},aio=threads,locking=off,"
                                        "cache.direct=off", base, note="file, aio=threads"),
-            qsd_backend("qsd-io_uring", f"driver=file,node-name=disk,filename={img},aio=io_uring,"
+            qsd_backend("qsd-io_uring", f"driver=file,node-name=disk,filename={img},aio=io_uring,locking=off,"
                                         "cache.direct=off", base, note="file, aio=io_uring"),
-            qsd_backend("qsd-native", f"driver=file,node-name=disk,filename={img},aio=native,"
+            qsd_backend("qsd-native", f"driver=file,node-name=disk,filename={img},aio=native,locking=off,"
                                       "cache.direct=on", base, note="file, aio=native, O_DIRECT"),
             qsd_backend("qsd-native-iothread", f"driver=file,node-name=disk,filename={img},"
-                                               "aio=native,cache.direct=on", base, iothread=True,
+                                               "aio=native,cache.direct=on,locking=off", base, iothread=True,
                         note="file, aio=native, O_DIRECT, iothread (adaptive polling)"),
             qsd_backend("qsd-io_uring-iothread", f"driver=file,node-name=disk,filename={img},"
-                                                 "aio=io_uring,cache.direct=off", base, iothread=True,
+                                                 "aio=io_uring,cache.direct=off,locking=off", base, iothread=True,
                         note="file, aio=io_uring, iothread (adaptive polling)"),
         ]
     if only:
@@ -607,8 +613,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nfilling {img} ({IMAGE_SIZE >> 20} MiB) ...", flush=True)
         fill_image(img, IMAGE_SIZE)
         workloads = [(rw, qd, nq) for rw in ("randread", "randwrite") for qd in (1, 32) for nq in (1, 2)]
-        for b in backends:
-            run_backend(b, base, workloads, args, out, "matrix")
+        if args.side_by_side:
+            run_side_by_side(backends, base, [(rw, {"rw": rw, "iodepth": qd, "queues": nq})
+                                              for rw, qd, nq in workloads], args, out, "matrix")
+        else:
+            for b in backends:
+                run_backend(b, base, workloads, args, out, "matrix")
 
         # Network storage: vscsid and qemu-storage-daemon on the same NBD and RBD servers
         if not args.no_network and (not only or only & set(NETWORK_ROWS)):
@@ -710,6 +720,39 @@ def disk_image(args) -> Path:
     return path
 
 
+def run_side_by_side(backends: list[Backend], base: Path, measurements, args, out: dict,
+                     table: str) -> None:
+    """Start every backend at once and take each measurement in turn from every one of them,
+    REPEAT rounds, each row the median of its rounds. A machine's (or a disk's) speed drifts
+    over minutes -- other tenants of the host, write-back -- and a whole series of one daemon
+    after another's would put that drift between them. ``measurements``: (label, kwargs of
+    bench) pairs."""
+    started = []
+    try:
+        for b in backends:
+            ok = start(b, base)
+            out["backends"][b.name] = {"cmd": b.args, "note": b.note, "status": b.status}
+            print(f"\n### {b.name}: {b.note}: {b.status}", flush=True)
+            if ok:
+                started.append(b)
+        print(f"\n### side by side: {', '.join(b.name for b in started)}", flush=True)
+        for label, kw in measurements:
+            runs: dict[str, list[dict]] = {b.name: [] for b in started}
+            for _ in range(REPEAT):
+                for b in started:
+                    runs[b.name].append(_bench_quiet(b, seconds=args.seconds, ramp=args.ramp, **kw))
+            for b in started:
+                r = row(b.name, _median(runs[b.name]), rw=label, qd=kw["iodepth"],
+                        queues=kw["queues"])
+                out[table].append(r)
+                print(f"  {b.name:24s} {label:16s} qd{kw['iodepth']:<2d} q{kw['queues']}: "
+                      f"{_f(r['iops'], ',.0f'):>10s} IOPS  p50 {_f(r['p50_us'], '8.1f')} us  "
+                      f"daemon {_f(r['daemon_us_per_io'], '6.2f')} us/io", flush=True)
+    finally:
+        for b in backends:
+            stop(b)
+
+
 def run_disk_rows(args, base: Path, only, out: dict) -> None:
     img = disk_image(args)
     out["settings"]["disk_image"] = str(img)
@@ -731,37 +774,12 @@ def run_disk_rows(args, base: Path, only, out: dict) -> None:
         ]
     if only:
         backends = [b for b in backends if b.name in only] or backends
-    # A disk's speed drifts over minutes (other tenants of the host, its own write-back), so
-    # the daemons run side by side: all started at once, and each measurement taken in turn
-    # from every daemon (REPEAT rounds), instead of one daemon's whole series after another's.
-    started = []
-    try:
-        for b in backends:
-            b.disk = True
-            ok = start(b, base)
-            out["backends"][b.name] = {"cmd": b.args, "note": b.note, "status": b.status}
-            print(f"\n### {b.name}: {b.note}: {b.status}", flush=True)
-            if ok:
-                started.append(b)
-        print(f"\n### interleaved: {', '.join(b.name for b in started)}", flush=True)
-        for rw, flush in DISK_WORKLOADS:
-            for qd in (1, 32):
-                label = rw + (f"+flush/{flush}" if flush else "")
-                runs: dict[str, list[dict]] = {b.name: [] for b in started}
-                for _ in range(REPEAT):
-                    for b in started:
-                        runs[b.name].append(_bench_quiet(b, rw=rw, iodepth=qd, queues=1,
-                                                         seconds=args.seconds, ramp=args.ramp,
-                                                         flush_every=flush))
-                for b in started:
-                    r = row(b.name, _median(runs[b.name]), rw=label, qd=qd, queues=1)
-                    out["disk"].append(r)
-                    print(f"  {b.name:16s} {label:16s} qd{qd:<2d}: {_f(r['iops'], ',.0f'):>10s} IOPS  "
-                          f"p50 {_f(r['p50_us'], '8.1f')} us  daemon {_f(r['daemon_us_per_io'], '6.2f')} us/io",
-                          flush=True)
-    finally:
-        for b in backends:
-            stop(b)
+    for b in backends:
+        b.disk = True
+    measurements = [(rw + (f"+flush/{flush}" if flush else ""),
+                     {"rw": rw, "iodepth": qd, "queues": 1, "flush_every": flush})
+                    for rw, flush in DISK_WORKLOADS for qd in (1, 32)]
+    run_side_by_side(backends, base, measurements, args, out, "disk")
 
 
 def plot_matrix(out: dict, path: str) -> None:

@@ -20,19 +20,28 @@ MAX_QUEUE_SIZE = 1024
 MAX_REQUEST_QUEUES = 64
 DEFAULT_IMAGE_SIZE = 1 << 30
 
-_SIZE_RE = re.compile(r"^(\d+)([kKmMgGtT]?)(i?[bB])?$")
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTPE]?)(?:I?B)?\s*$", re.IGNORECASE)
 
 
 class ConfigError(ValueError):
     """A bad command line or configuration value (exit code 2)."""
 
 
-def parse_size(text: str) -> int:
-    m = _SIZE_RE.match(text.strip())
+def parse_size(text: str | int) -> int:
+    """A size in bytes, binary multiples: ``4096``, ``512K``, ``64KiB``, ``1G``, ``1.5GiB``,
+    ``2T`` (units K M G T P E, case-insensitive, optional ``B``/``iB``). The one grammar of
+    sizes: ``null:SIZE`` LUNs, the null backend, vscsid-bench's ``--bs``/``--size`` and the
+    benchmark scripts. ConfigError (a ValueError) for anything else."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(text)
     if not m:
         raise ConfigError(f"bad size {text!r} (examples: 4096, 512M, 1G)")
-    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+    number, unit = m.groups()
+    mult = 1 << (10 * ("KMGTPE".index(unit.upper()) + 1)) if unit else 1
+    if "." in number:
+        return int(float(number) * mult)
+    return int(number) * mult
 
 
 # Network LUNs (docs/network-storage.md): an NBD URI or an RBD image.

@@ -188,9 +188,18 @@ def test_parse_size():
     assert parse_size("1GiB") == 1 << 30
     assert parse_size("1.5G") == 3 << 29
     assert parse_size("2T") == 2 << 40
+    assert parse_size("64KiB") == 64 << 10 and parse_size(" 512 m ") == 512 * MiB
     for bad in ("", "G", "-1", "1X", "abc"):
         with pytest.raises(ValueError):
             parse_size(bad)
+
+
+def test_one_size_grammar():
+    """null:SIZE LUNs, the null backend and vscsid-bench read sizes with one function."""
+    import vscsid.bench.config
+    import vscsid.config
+
+    assert parse_size is vscsid.config.parse_size is vscsid.bench.config.parse_size
 
 
 def test_delay_us(tmp_path):

@@ -1,9 +1,9 @@
-"""The bench's configuration (one run), its errors and exit codes, and size parsing."""
+"""The bench's configuration (one run), its errors and exit codes."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
+from vscsid.config import parse_size  # noqa: F401  (the one size grammar, for the bench's CLI)
 from vscsid.virtio.defs import MAX_QUEUE_SIZE
 
 from ._loop import lib as _lib
@@ -19,19 +19,6 @@ class BenchError(Exception):
     def __init__(self, msg: str, code: int = EXIT_FATAL):
         super().__init__(msg)
         self.code = code
-
-
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b)?\s*$", re.I)
-
-
-def parse_size(text: str | int) -> int:
-    """'4k' -> 4096, '64KiB' -> 65536, '1g' -> 2**30 (binary units), '512' -> 512."""
-    if isinstance(text, int):
-        return text
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise ValueError(f"bad size {text!r}")
-    return int(m.group(1)) << (10 * "kmgtp".find(m.group(2).lower()) + 10 if m.group(2) else 0)
 
 
 def _fmt_size(n: int) -> str:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 
-from .base import Backend, parse_size
+from vscsid.config import parse_size
+
+from .base import Backend
 from .file import FileBackend
 from .null import NullBackend
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import time
 from typing import Sequence
 
@@ -53,21 +52,6 @@ def zero_fill(views: Sequence[memoryview]) -> None:
             step = min(k - pos, len(_ZEROS))
             v[pos:pos + step] = _ZEROS_VIEW[:step]
             pos += step
-
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTPE]?)(?:I?B)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """``"4096"``, ``"512K"``, ``"1G"``, ``"1.5GiB"``, ``"2T"`` (binary multiples) → bytes."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise ValueError(f"invalid size {text!r}")
-    number, unit = m.groups()
-    mult = 1 << (10 * ("KMGTPE".index(unit.upper()) + 1)) if unit else 1
-    if "." in number:
-        return int(float(number) * mult)
-    return int(number) * mult
 
 
 class Backend:

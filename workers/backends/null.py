@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .base import Backend, parse_size, total_length, zero_fill
+from vscsid.config import parse_size
+
+from .base import Backend, total_length, zero_fill
 
 
 class NullBackend(Backend):

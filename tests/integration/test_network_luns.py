@@ -7,6 +7,7 @@ The front end is the Python one (vscsid.bench) with memfd guest memory, so every
 byte a command moves is checked against the server's storage."""
 from __future__ import annotations
 
+import json
 import os
 import struct
 import time
@@ -264,6 +265,9 @@ def test_nbd_unreachable_at_start_is_a_clear_error(tmp_path):
                         "--log-format", "json"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert "none.sock" in r.stdout + r.stderr and "worker_boot_failed" in r.stdout + r.stderr
+    stopped = [json.loads(line) for line in (r.stdout + r.stderr).splitlines()
+               if '"event": "stopped"' in line]
+    assert [x["exit_code"] for x in stopped] == [1]      # the log says what the process exits with
 
 
 # ------------------------------------------------------------------ NBD: outages

@@ -316,8 +316,9 @@ class Supervisor:
         for w, res in zip(self.workers, results):
             if isinstance(res, BaseException):
                 self.log.critical("worker_boot_failed", queue=w.queue, error=str(res))
+                self.exit_code = 1          # the "stopped" line says what the process exits with
                 await self._shutdown()
-                return 1
+                return self.exit_code
         self.listener.setblocking(False)
         import time as _time
 

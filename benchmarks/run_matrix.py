@@ -801,10 +801,11 @@ def plot_matrix(out: dict, path: str) -> None:
         for k, be in enumerate(backends):
             by = {(r["rw"], r["qd"], r["queues"]): r for r in rows if r["backend"] == be}
             xs = [i + k * width for i in range(len(workloads))]
+            color = plt.cm.tab20(k % 20)      # more daemons than tab10 has colours (--build rows)
             axes[0][col].bar(xs, [(by[w]["iops"] or 0) / 1e3 if w in by else 0 for w in workloads],
-                             width, label=be)
+                             width, label=be, color=color)
             axes[1][col].bar(xs, [(by[w]["daemon_us_per_io"] or 0) if w in by else 0
-                                  for w in workloads], width, label=be)
+                                  for w in workloads], width, label=be, color=color)
         labels = [f"{rw}\nqd{qd} q{q}" for rw, qd, q in workloads]
         for ax, ylabel in ((axes[0][col], "kIOPS"), (axes[1][col], "daemon CPU µs / request")):
             ax.set_xticks([i + 0.4 - width / 2 for i in range(len(workloads))])

@@ -44,6 +44,7 @@ from vscsid.config import ConfigError, LunSpec
 
 from . import inspect
 from .lunops import LunError
+from .servers import close_server
 from .luns import parse_address
 
 MAX_MESSAGE = 64 * 1024
@@ -146,17 +147,7 @@ class AdminServer:
                                                       limit=MAX_MESSAGE)
 
     async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-        for t in list(self.clients):
-            t.cancel()
-        if self.clients:
-            await asyncio.gather(*self.clients, return_exceptions=True)
-        if self.server is not None:
-            try:
-                await asyncio.wait_for(self.server.wait_closed(), 2)
-            except asyncio.TimeoutError:
-                pass
+        await close_server(self.server, self.clients)
 
     # ------------------------------------------------------------------ connections
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):

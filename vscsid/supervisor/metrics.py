@@ -23,6 +23,7 @@ from vscsid import __version__
 from vscsid import log as vlog
 
 from . import inspect
+from .servers import close_server
 
 MAX_CLIENTS = 8
 REQUEST_LIMIT = 8192
@@ -230,12 +231,7 @@ class MetricsServer:
                                                  limit=REQUEST_LIMIT)
 
     async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-        for t in list(self.clients):
-            t.cancel()
-        if self.clients:
-            await asyncio.gather(*self.clients, return_exceptions=True)
+        await close_server(self.server, self.clients)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -115,12 +115,14 @@ class Backend:
 VSCSID_EXTRA: list[str] = []
 
 
-def vscsid_backend(name: str, lun: str, workdir: Path, queues: int = 2, note: str = "") -> Backend:
+def vscsid_backend(name: str, lun: str, workdir: Path, queues: int = 2, note: str = "",
+                   python: str = sys.executable, extra: list[str] | None = None) -> Backend:
+    """``extra``: more vscsid options (default: --vscsid-args)."""
     sock = str(workdir / f"{name}.sock")
     return Backend(name, "vscsid", "scsi",
-                   [sys.executable, "-m", "vscsid.cli", "--socket-path", sock, "--lun", lun,
+                   [python, "-m", "vscsid.cli", "--socket-path", sock, "--lun", lun,
                     "--num-queues", str(queues), "--quiet", "--log-format", "json",
-                    "--log-level", "info", *VSCSID_EXTRA],
+                    "--log-level", "info", *(VSCSID_EXTRA if extra is None else extra)],
                    note=note, socket_path=sock)
 
 
@@ -132,11 +134,9 @@ def build_backend(spec: str, lun: str, workdir: Path) -> Backend:
     label, sep, python = words[0].partition("=") if words else ("", "", "")
     if not (sep and label and python):
         raise SystemExit(f"--build {spec!r}: LABEL=PYTHON [ARGS]")
-    b = vscsid_backend(f"vscsid-file@{label}", lun, workdir, note=f"256 MiB file on tmpfs, {python}")
-    b.args = [python, *b.args[1:]]
-    if len(words) > 1:
-        b.args = b.args[:len(b.args) - len(VSCSID_EXTRA)] + words[1:]   # its own options
-        b.note += " " + " ".join(words[1:])
+    own = words[1:] or None          # its own options, else --vscsid-args
+    b = vscsid_backend(f"vscsid-file@{label}", lun, workdir, python=python, extra=own,
+                       note=" ".join([f"256 MiB file on tmpfs, {python}", *words[1:]]))
     b.cwd = str(workdir)
     return b
 

@@ -25,9 +25,14 @@ t_emit() {
 }
 
 snapshot() {
+    # A disk that is going (or still coming) may lose its sysfs entries between two reads:
+    # it is listed only when its address and size were both read.
     for d in /sys/block/sd*; do
         [ -e "$d/device" ] || continue
-        echo "${d##*/} $(basename "$(readlink "$d/device")") $(cat "$d/size")"
+        hctl=$(basename "$(readlink "$d/device" 2>/dev/null)" 2>/dev/null)
+        size=$(cat "$d/size" 2>/dev/null)
+        [ -n "$hctl" ] && [ "$hctl" != . ] && [ -n "$size" ] || continue
+        echo "${d##*/} $hctl $size"
     done | sort
 }
 

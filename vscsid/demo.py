@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=180.0, metavar="S",
                    help="give up when the guest has not finished after S seconds (default 180)")
     p.add_argument("--keep", action="store_true",
-                   help="keep the temporary directory (daemon log, guest console, image)")
+                   help="keep the temporary directory (daemon log, guest console, image) "
+                        "even when everything succeeded (it is kept when something failed)")
     return p
 
 
@@ -175,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
                 ok = False
         if args.keep:
             _say(f"kept {tmp}")
+        elif not ok:
+            _say(f"kept {tmp} for a look (the daemon's log vscsid.log, the guest's console "
+                 "guest/console.log); remove it when done")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     return EXIT_OK if ok else EXIT_FAILED

@@ -143,6 +143,12 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(out)
 
 
+def _index(q: dict, key: str):
+    """One of a started ring's indices as guest memory held it (status's "ring")."""
+    ring = q.get("ring")
+    return "-" if not ring else ring[key]
+
+
 def show_status(r: dict) -> str:
     fe = r["frontend"]
     lines = [f"vscsid {r['version']}, pid {r['pid']}, up {duration_text(r['uptime_s'])}, "
@@ -168,8 +174,12 @@ def show_status(r: dict) -> str:
         lines.append(table([[q["vq"], q["kind"], q["size"],
                              "started" if q["started"] else "stopped",
                              "enabled" if q["enabled"] else "disabled",
-                             "BROKEN" if q["broken"] else "ok"] for q in r["queues"]],
-                           ["VQ", "QUEUE", "SIZE", "RING", "", "STATE"]))
+                             "BROKEN" if q["broken"] else "ok",
+                             _index(q, "avail_idx"), _index(q, "used_idx"),
+                             _index(q, "used_event"), _index(q, "avail_event")]
+                            for q in r["queues"]],
+                           ["VQ", "QUEUE", "SIZE", "RING", "", "STATE", "AVAIL", "USED",
+                            "USED_EVENT", "AVAIL_EVENT"]))
     lines.append("")
     lines.append(table([[w["queue"], w["pid"] or "-", w["state"], w["restarts"],
                          "-" if w["in_flight"] is None else w["in_flight"]]
@@ -210,9 +220,9 @@ def show_stats(r: dict) -> str:
     out.append("")
     out.append(table([[q["queue"], q["requests"], q["fast"], q["slow"],
                        size_text(q["bytes_read"]), size_text(q["bytes_written"]), q["in_flight"],
-                       q["interrupts"]] for q in r["queues"]],
+                       q["interrupts"], q["late_interrupts"]] for q in r["queues"]],
                      ["QUEUE", "REQUESTS", "FAST", "SLOW", "READ", "WRITTEN", "IN FLIGHT",
-                      "INTERRUPTS"]))
+                      "INTERRUPTS", "LATE"]))
     out.append("")
     wrows = []
     for w in r["workers"]:

@@ -293,7 +293,7 @@ int vsd_flush(struct vsd_queue *q)
             q->signalled_valid = 1;
             notify = 1;
         } else {
-            uint16_t ev = ld16(q->avail + 4 + 2 * (size_t)q->size);
+            uint16_t ev = ld16(q->avail + used_event_off(q->size));
             notify = need_event(ev, new_idx, old);
         }
     } else {
@@ -301,11 +301,48 @@ int vsd_flush(struct vsd_queue *q)
     }
     if (notify && q->call_fd >= 0) {
         uint64_t one = 1;
-        if (write(q->call_fd, &one, 8) == 8)
+        if (write(q->call_fd, &one, 8) == 8) {
             q->st->q.calls++;
+            q->call_used = q->used_idx;
+        }
         return 1;
     }
     return 0;
+}
+
+/* Before the queue sleeps: has the driver asked for a call that was never sent?
+ * With EVENT_IDX, its used_event names an entry published since the last call;
+ * without, interrupts are enabled and entries were published since. A driver
+ * whose store of used_event (or of avail->flags) became visible only after
+ * vsd_flush read it -- a guest that orders its own stores and loads wrongly, as
+ * QEMU 7.2's TCG does for a one-vCPU guest -- would otherwise wait forever
+ * with every completion published. A needless call is harmless. Returns 1 if
+ * the call eventfd was written. */
+int vsd_late_call(struct vsd_queue *q)
+{
+    uint64_t one = 1;
+    int wanted;
+    if (q->call_fd < 0 || q->ncompleted || q->used_idx == q->call_used)
+        return 0;
+    mb();
+    if (q->event_idx)
+        wanted = q->signalled_valid
+                 && need_event(ld16(q->avail + used_event_off(q->size)), q->used_idx,
+                               q->call_used);
+    else
+        wanted = !(ld16(q->avail) & VIRTQ_AVAIL_F_NO_INTERRUPT);
+    if (!wanted)
+        return 0;
+    /* counted first: whoever the call wakes sees it counted */
+    q->st->q.calls++;
+    q->st->q.late_calls++;
+    if (write(q->call_fd, &one, 8) != 8) {
+        q->st->q.calls--;
+        q->st->q.late_calls--;
+        return 0;
+    }
+    q->call_used = q->used_idx;
+    return 1;
 }
 
 static void disable_kicks(struct vsd_queue *q)
@@ -318,7 +355,7 @@ static void disable_kicks(struct vsd_queue *q)
 static int enable_kicks(struct vsd_queue *q)
 {
     if (q->event_idx)
-        st16(q->used + 4 + 8 * (size_t)q->size, q->last_avail);
+        st16(q->used + avail_event_off(q->size), q->last_avail);
     else
         st16(q->used, 0);
     mb();
@@ -1202,6 +1239,7 @@ int vsd_serve(struct vsd_queue *q, int epfd, int kick_fd, int uring_fd, int time
         {
             uint64_t t0 = now_ns(), slept;
             int k, nev, other = 0;
+            vsd_late_call(q);
             nev = epoll_wait(epfd, evs, 8, timeout_ms);
             slept = now_ns() - t0;
             if (q->poll_max_ns) {

@@ -74,6 +74,7 @@ struct vsd_qstats {
     uint64_t fast, slow, bytes_in, bytes_out, calls, batches, async;
     uint64_t max_in_flight, nowait_miss, write_blocked, unaligned;
     uint64_t poll_hits, kicks;
+    uint64_t late_calls;            /* calls sent only when the queue went idle (vsd_late_call) */
 };
 
 struct vsd_lunstats {
@@ -104,6 +105,8 @@ struct vsd_queue {
     uint16_t last_avail;
     uint16_t used_idx;
     uint16_t signalled_used;
+    uint16_t call_used;             /* used_idx when the call eventfd was last written
+                                       (vsd_late_call: what the driver may still miss) */
     int signalled_valid;
     int event_idx;
     int call_fd;
@@ -147,6 +150,7 @@ int vsd_resubmit(struct vsd_queue *q, const uint16_t *heads, int n, uint16_t *sl
 int vsd_drain(struct vsd_queue *q, uint16_t *slow, int max_slow);
 int vsd_push(struct vsd_queue *q, uint16_t head, uint32_t written);
 int vsd_flush(struct vsd_queue *q);
+int vsd_late_call(struct vsd_queue *q);
 int vsd_serve(struct vsd_queue *q, int epfd, int kick_fd, int uring_fd, int timeout_ms,
               uint16_t *slow, int max_slow, int budget);
 

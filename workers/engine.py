@@ -67,6 +67,12 @@ class Engine:
         """Publish the completions; True if the driver was signalled."""
         raise NotImplementedError
 
+    def late_call(self) -> bool:
+        """Before the queue sleeps: signal the driver if it asked for a call that was
+        never sent (it published its wish only after the last flush read it); True
+        if it was signalled."""
+        return False
+
     def drain(self) -> list[int]:
         """Wait for the engine's own I/O in flight; heads the reference path must redo."""
         return []
@@ -187,9 +193,23 @@ class PyEngine(Engine):
         if self.inflight is not None:
             self.inflight.put(heads, q.used_idx)
         if q.should_notify() and self.call_fd >= 0:
+            if self.shared is not None:
+                self.shared.q.calls += 1
             os.eventfd_write(self.call_fd, 1)
+            q.call_used = q.used_idx
             return True
         return False
+
+    def late_call(self) -> bool:
+        q = self.queue
+        if self.call_fd < 0 or q.pushed or not q.call_missed():
+            return False
+        if self.shared is not None:     # counted first: whoever the call wakes sees it
+            self.shared.q.calls += 1
+            self.shared.q.late_calls += 1
+        os.eventfd_write(self.call_fd, 1)
+        q.call_used = q.used_idx
+        return True
 
     @property
     def last_avail(self) -> int:
@@ -203,7 +223,8 @@ class PyEngine(Engine):
 
 
 _QSTATS = ("fast", "slow", "bytes_in", "bytes_out", "calls", "batches", "async",
-           "max_in_flight", "poll_hits", "kicks", "nowait_miss", "write_blocked", "unaligned")
+           "max_in_flight", "poll_hits", "kicks", "nowait_miss", "write_blocked", "unaligned",
+           "late_calls")
 
 
 def lun_flags(spec: LunSpec, uring: bool) -> int:
@@ -269,6 +290,7 @@ class CEngine(Engine):
         q.last_avail = queue.last_avail
         q.used_idx = queue.used_idx
         q.signalled_used = queue.used_idx
+        q.call_used = queue.used_idx
         q.signalled_valid = 0
         q.event_idx = 1 if queue.event_idx else 0
         q.call_fd = call_fd
@@ -384,6 +406,9 @@ class CEngine(Engine):
 
     def flush(self) -> bool:
         return bool(lib.vsd_flush(self.q))
+
+    def late_call(self) -> bool:
+        return bool(lib.vsd_late_call(self.q))
 
     def drain(self) -> list[int]:
         n = lib.vsd_drain(self.q, self._slow, self.max_slow)
@@ -514,7 +539,7 @@ class CEngine(Engine):
                 "c_max_in_flight": now["max_in_flight"], "poll_hits": d["poll_hits"],
                 "c_kicks": d["kicks"], "requests": d["fast"] + d["slow"],
                 "nowait_misses": d["nowait_miss"], "writes_blocked": d["write_blocked"],
-                "unaligned_direct": d["unaligned"]}
+                "unaligned_direct": d["unaligned"], "late_calls": d["late_calls"]}
 
     def close(self) -> None:
         """Hand the ring's state back to the SplitQueue and inflight region, release

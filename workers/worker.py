@@ -270,6 +270,8 @@ class Worker:
                 timeout = 0.01    # a LUN removal waits for its requests in flight
             else:
                 timeout = 1.0
+            if timeout and self.eng is not None and self.started:
+                self.eng.late_call()     # (the C engine's own loop does this before it sleeps)
             try:
                 events = self.epoll.poll(timeout)
             except InterruptedError:

@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 
 struct vsd_queue;
@@ -180,7 +181,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     q.used = guest + USED_OFF;
     q.size = qsize;
     q.mask = qsize - 1;
-    q.call_fd = -1;
+    {
+        /* a real call eventfd (drained below): vsd_flush and vsd_late_call signal it */
+        static int call_fd = -2;
+        uint64_t v;
+        if (call_fd == -2)
+            call_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (call_fd >= 0)
+            while (read(call_fd, &v, 8) == 8)
+                ;
+        q.call_fd = call_fd;
+    }
     q.event_idx = (mode >> 2) & 1;
     q.regions[0].gpa = 0;
     q.regions[0].size = GUEST_SIZE / 2;
@@ -295,8 +306,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                     pushes++;
             break;
         }
-        default:
+        case 7:                                     /* the queue goes idle */
             vsd_flush(&q);
+            if (vsd_late_call(&q) && q.call_used != q.used_idx)
+                FAIL("late call at %u with used_idx %u", q.call_used, q.used_idx);
             break;
         }
         check(&q, used0, pushes);

@@ -147,11 +147,11 @@ class DriverQueue:
         self._a_flags = a
         self._a_idx = a + 2
         self._a_ring = a + 4
-        self._a_used_event = a + 4 + 2 * size
+        self._a_used_event = a + lib.vq_used_event_off(size)
         self._u_flags = u
         self._u_idx = u + 2
         self._u_ring = u + 4
-        self._u_avail_event = u + 4 + 8 * size
+        self._u_avail_event = u + lib.vq_avail_event_off(size)
 
         self.vring_base = start_idx
         self._avail_shadow = start_idx     # avail->idx as last published

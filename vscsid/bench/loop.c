@@ -469,7 +469,7 @@ static int reap(struct bq *q)
     q->last_used = uidx;
     q->reap_batches++;
     if (q->event_idx)                                   /* keep the device quiet while we are busy */
-        st16(q->avail + 4 + 2 * q->qsize, (uint16_t)(uidx - 1));
+        st16(q->avail + used_event_off(q->qsize), (uint16_t)(uidx - 1));
     return n;
 }
 
@@ -484,7 +484,7 @@ static void publish_and_kick(struct bq *q)
     q->kick_old = new_idx;
     int need;
     if (q->event_idx)
-        need = need_event(ld16(q->used + 4 + 8 * q->qsize), new_idx, old);
+        need = need_event(ld16(q->used + avail_event_off(q->qsize)), new_idx, old);
     else
         need = !(ld16(q->used) & VIRTQ_USED_F_NO_NOTIFY);
     if (need) {
@@ -498,7 +498,7 @@ static void publish_and_kick(struct bq *q)
 static inline void cb_disable(struct bq *q)
 {
     if (q->event_idx)
-        st16(q->avail + 4 + 2 * q->qsize, (uint16_t)(q->last_used - 1));
+        st16(q->avail + used_event_off(q->qsize), (uint16_t)(q->last_used - 1));
     else
         st16(q->avail, VIRTQ_AVAIL_F_NO_INTERRUPT);
 }
@@ -507,7 +507,7 @@ static inline void cb_disable(struct bq *q)
 static inline int cb_enable(struct bq *q)
 {
     if (q->event_idx)
-        st16(q->avail + 4 + 2 * q->qsize, q->last_used);
+        st16(q->avail + used_event_off(q->qsize), q->last_used);
     else
         st16(q->avail, 0);
     vsd_mb();

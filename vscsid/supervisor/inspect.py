@@ -11,6 +11,8 @@ from vscsid import __version__
 from vscsid.virtio.defs import (
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 )
+from vscsid.virtio.memory import GuestMemoryError
+from vscsid.virtio.splitq import peek_indices
 from vscsid.virtio.scsi_wire import (
     FIRST_REQUEST_QUEUE, VIRTIO_SCSI_F_CHANGE, VIRTIO_SCSI_F_HOTPLUG, VIRTIO_SCSI_F_INOUT,
     VIRTIO_SCSI_F_T10_PI,
@@ -46,9 +48,13 @@ def status(sup) -> dict:
         for ring in dev.rings:
             kind = ("control" if ring.index == 0 else "event" if ring.index == 1
                     else f"request {ring.index - FIRST_REQUEST_QUEUE}")
-            queues.append({"vq": ring.index, "kind": kind, "size": ring.num,
-                           "started": ring.started, "enabled": ring.enabled,
-                           "broken": ring.broken})
+            row = {"vq": ring.index, "kind": kind, "size": ring.num,
+                   "started": ring.started, "enabled": ring.enabled, "broken": ring.broken}
+            if ring.started:
+                row["ring"] = _ring_indices(s.handler.mem, ring)
+            if ring.index < FIRST_REQUEST_QUEUE:      # (a request queue's are in stats)
+                row["late_interrupts"] = (s.control if ring.index == 0 else s.events).late_calls
+            queues.append(row)
         frontend["events"] = dict(s.events.stats, **{"by_type": dict(s.events.by_type)})
     workers = []
     for w in sup.workers:
@@ -69,6 +75,17 @@ def status(sup) -> dict:
         "luns": len(sup.luns.by_slot), "frontend": frontend, "queues": queues,
         "workers": workers, "tracing": sup.tracer.active if sup.tracer else False,
     }
+
+
+def _ring_indices(mem, ring) -> dict | None:
+    """The started ring's indices in guest memory now (None off the map)."""
+    if mem is None or not ring.addr_set:
+        return None
+    try:
+        return peek_indices(mem, ring.num, mem.uva_to_gpa(ring.avail_uva),
+                            mem.uva_to_gpa(ring.used_uva))
+    except GuestMemoryError:
+        return None
 
 
 def raw(sup) -> dict:
@@ -146,7 +163,8 @@ def stats(sup) -> dict:
         queues.append({"queue": q, "requests": qs["fast"] + qs["slow"], "fast": qs["fast"],
                        "slow": qs["slow"], "bytes_read": qs["bytes_in"],
                        "bytes_written": qs["bytes_out"], "in_flight": in_flight,
-                       "interrupts": qs["calls"], "kicks": qs["kicks"],
+                       "interrupts": qs["calls"], "late_interrupts": qs["late_calls"],
+                       "kicks": qs["kicks"],
                        "poll_hits": qs["poll_hits"], "max_in_flight_async": qs["max_in_flight"]})
         for slot, ls in page["luns"].items():
             per_lun[slot] = merge(per_lun.get(slot), ls)

@@ -94,7 +94,7 @@ class Collector:
         ops = inspect.ops_names(sup)
         by_slot = {x.slot: x for x in luns}
         req, rd, wr, err, fail, infl = [], [], [], [], [], []
-        qreq, qbytes, qcalls, qkicks, qpoll, qinfl = [], [], [], [], [], []
+        qreq, qbytes, qcalls, qlate, qkicks, qpoll, qinfl = [], [], [], [], [], [], []
         hist: dict[tuple[int, int], dict] = {}
         for q, page in sorted(pages.items()):
             qs = page["queue"]
@@ -102,6 +102,7 @@ class Collector:
             qreq += [([ql, "fast"], qs["fast"]), ([ql, "slow"], qs["slow"])]
             qbytes += [([ql, "read"], qs["bytes_in"]), ([ql, "write"], qs["bytes_out"])]
             qcalls.append(([ql], qs["calls"]))
+            qlate.append(([ql], qs["late_calls"]))
             qkicks.append(([ql], qs["kicks"]))
             qpoll.append(([ql], qs["poll_hits"]))
             qinfl.append(([ql], sum(ls["in_flight"] for ls in page["luns"].values())))
@@ -155,6 +156,10 @@ class Collector:
                        ["queue", "direction"], qbytes)
         yield _counter("vscsid_queue_interrupts", "Used-buffer notifications sent", ["queue"],
                        qcalls)
+        yield _counter("vscsid_queue_late_interrupts", "Notifications sent only as the queue "
+                       "went idle: the driver's wish for them was seen only after its "
+                       "completions were published (re-arming just then, or a guest that "
+                       "loses wake-ups)", ["queue"], qlate)
         yield _counter("vscsid_queue_kicks", "Kicks the C loop woke up for", ["queue"], qkicks)
         yield _counter("vscsid_queue_poll_hits", "Requests found by busy polling", ["queue"],
                        qpoll)

@@ -1,8 +1,8 @@
 /*
  * Memory ordering and single-copy-atomic accesses on rings shared with another
- * process, and the EVENT_IDX notification test: static inline C for the
- * data-plane engine, the benchmark's driver loop and vscsid/virtio/ring.c
- * (which exports them to Python). The one definition of each.
+ * process, the EVENT_IDX notification test and where its two fields lie: static
+ * inline C for the data-plane engine, the benchmark's driver loop and
+ * vscsid/virtio/ring.c (which exports them to Python). The one definition of each.
  */
 #ifndef VSCSID_FENCES_H
 #define VSCSID_FENCES_H
@@ -37,5 +37,10 @@ static inline int need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old_
 {
     return (uint16_t)(new_idx - event_idx - 1) < (uint16_t)(new_idx - old_idx);
 }
+
+/* Split ring layout (virtio 1.x 2.7): the driver's used_event follows the
+ * available ring's entries, the device's avail_event the used ring's. */
+static inline size_t used_event_off(uint32_t size) { return 4 + 2 * (size_t)size; }
+static inline size_t avail_event_off(uint32_t size) { return 4 + 8 * (size_t)size; }
 
 #endif

@@ -35,6 +35,16 @@ int vq_need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old_idx)
     return need_event(event_idx, new_idx, old_idx);
 }
 
+size_t vq_used_event_off(uint32_t size)
+{
+    return used_event_off(size);
+}
+
+size_t vq_avail_event_off(uint32_t size)
+{
+    return avail_event_off(size);
+}
+
 /* ------------------------------------------------------------------ SIGBUS containment
  *
  * Guest memory is a shared mapping of the front end's file. If the front end

@@ -75,11 +75,35 @@ class Chain:
         self.in_len = in_len
 
 
+used_event_off = _lib.vq_used_event_off       # (fences.h)
+avail_event_off = _lib.vq_avail_event_off
+
+
+def peek_indices(mem: GuestMemory, size: int, avail_gpa: int, used_gpa: int) -> dict:
+    """The ring's indices and notification fields as guest memory holds them now
+    (a snapshot for diagnosis: a queue whose ``avail_idx`` stays ahead of the
+    device's ``last_avail`` missed a kick; one whose driver waits with ``used_idx``
+    past ``used_event`` missed a call). Raises GuestMemoryError off the map."""
+    _dsz, asz, usz = ring_sizes(size)
+    avail = mem.gpa_view(avail_gpa, asz)
+    used = mem.gpa_view(used_gpa, usz)
+    try:
+        return {"avail_flags": U16.unpack_from(avail, 0)[0],
+                "avail_idx": U16.unpack_from(avail, 2)[0],
+                "used_event": U16.unpack_from(avail, used_event_off(size))[0],
+                "used_flags": U16.unpack_from(used, 0)[0],
+                "used_idx": U16.unpack_from(used, 2)[0],
+                "avail_event": U16.unpack_from(used, avail_event_off(size))[0]}
+    finally:
+        avail.release()
+        used.release()
+
+
 class SplitQueue:
     """Device-side split virtqueue over guest memory."""
 
     __slots__ = ("mem", "size", "mask", "desc", "avail", "used", "event_idx",
-                 "last_avail", "used_idx", "signalled_used", "signalled_valid",
+                 "last_avail", "used_idx", "signalled_used", "signalled_valid", "call_used",
                  "_used_event_off", "_avail_event_off", "hstate", "pushed")
 
     def __init__(self, mem: GuestMemory, size: int, desc_gpa: int, avail_gpa: int,
@@ -105,8 +129,9 @@ class SplitQueue:
         self.used_idx = U16.unpack_from(self.used, 2)[0]
         self.signalled_used = self.used_idx
         self.signalled_valid = False
-        self._used_event_off = 4 + 2 * size
-        self._avail_event_off = 4 + 8 * size
+        self.call_used = self.used_idx   # used_idx at the last call (the signalling caller sets it)
+        self._used_event_off = used_event_off(size)
+        self._avail_event_off = avail_event_off(size)
         # Which heads the device holds (HEAD_*): a head is popped only when FREE,
         # pushed only when BUSY; the heads pushed since the last publish are at
         # most ``size`` distinct ones.
@@ -265,6 +290,28 @@ class SplitQueue:
                 return True
             used_event = U16.unpack_from(self.avail, self._used_event_off)[0]
             return vring_need_event(used_event, new, old)
+        return not (U16.unpack_from(self.avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT)
+
+    def waits_for_later(self) -> bool:
+        """EVENT_IDX: the driver has re-armed for an entry not published yet (it saw
+        every one published so far): no call it asked for can be missing."""
+        return self.event_idx and (
+            U16.unpack_from(self.avail, self._used_event_off)[0] == self.used_idx)
+
+    def call_missed(self) -> bool:
+        """With nothing staged, before the queue sleeps: does the driver wait for a
+        call that was not sent? (EVENT_IDX: its used_event names an entry published
+        since ``call_used``; otherwise: entries were published since and interrupts
+        are on.) A driver that orders its own store and load wrongly -- QEMU 7.2's
+        TCG for a one-vCPU guest -- publishes its wish after :meth:`should_notify`
+        read it. The C engine's vsd_late_call is the same test."""
+        if self.used_idx == self.call_used:
+            return False
+        _mb()
+        if self.event_idx:
+            used_event = U16.unpack_from(self.avail, self._used_event_off)[0]
+            return self.signalled_valid and vring_need_event(used_event, self.used_idx,
+                                                             self.call_used)
         return not (U16.unpack_from(self.avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT)
 
     # ------------------------------------------------------------------ kick suppression

@@ -131,9 +131,7 @@ class ControlQueue(LocalRing):
                 written = await self._handle(chain)
                 q.push(head, written)
             if heads:
-                q.publish()
-                if q.should_notify() and self.state.call_fd >= 0:
-                    os.eventfd_write(self.state.call_fd, 1)
+                self.publish()
             if not q.enable_kicks():
                 return False
 

@@ -18,7 +18,6 @@ chain) is returned unused (length 0) and logged (rate limited).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from vscsid import log as vlog
@@ -155,7 +154,7 @@ class EventQueue(LocalRing):
                 self.events_dropped = False
             scatter(chain.in_, EVENT.pack(event, encode_event_lun(ev.target, ev.lun), ev.reason))
             q.push(head, EVENT_SIZE)
-            self._publish()
+            self.publish()
             self.stats["sent"] += 1
             kind = ScsiEvent(event, ev.target, ev.lun, ev.reason).describe()
             self.by_type[kind["type"]] = self.by_type.get(kind["type"], 0) + 1
@@ -166,13 +165,7 @@ class EventQueue(LocalRing):
         self.stats["bad_buffers"] += 1
         self.glog.warning("bad_event_buffer", head=head, reason=reason)
         self.queue.push(head, 0)
-        self._publish()
-
-    def _publish(self) -> None:
-        q = self.queue
-        q.publish()
-        if q.should_notify() and self.state.call_fd >= 0:
-            os.eventfd_write(self.state.call_fd, 1)
+        self.publish()
 
     # ------------------------------------------------------------------ the driver's side
     def started(self) -> None:

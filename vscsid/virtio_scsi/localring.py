@@ -13,6 +13,12 @@ from vscsid.vhost.rings import RingAddrs, RingServer
 from vscsid.virtio.memory import GuestMemory
 from vscsid.virtio.splitq import RingError, SplitQueue
 
+#: How long after an unsignalled publish the driver's wish is read again
+#: (SplitQueue.call_missed: a driver that published it too late), doubling up to
+#: LATE_CHECK_MAX_S while it may still come.
+LATE_CHECK_S = 0.05
+LATE_CHECK_MAX_S = 1.0
+
 
 class LocalRing(RingServer):
     """One ring served in the supervisor. Subclasses say what a kick means."""
@@ -29,6 +35,8 @@ class LocalRing(RingServer):
         self.event_idx = False
         self.queue: SplitQueue | None = None
         self.last_avail = 0
+        self.late_calls = 0
+        self._late: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ RingServer
     async def start(self, ring, addrs, *, event_idx, inflight, recover, resume) -> None:
@@ -43,6 +51,7 @@ class LocalRing(RingServer):
         if self.state is None:
             return ring.base
         self._unwatch()
+        self._cancel_late()
         async with self.lock:
             last = self.queue.last_avail if self.queue is not None else self.last_avail
             if self.queue is not None:
@@ -62,6 +71,44 @@ class LocalRing(RingServer):
 
     def kicked(self) -> None:
         """The driver kicked the ring."""
+
+    # ------------------------------------------------------------------ calls
+    def publish(self) -> None:
+        """Publish what was pushed and signal the driver if it asked; if it did not,
+        read its wish once more a little later (a driver whose store of it became
+        visible only after should_notify read it still gets its call)."""
+        q, state = self.queue, self.state
+        q.publish()
+        notify = q.should_notify()
+        if state.call_fd < 0:
+            return
+        if notify:
+            os.eventfd_write(state.call_fd, 1)
+            q.call_used = q.used_idx
+        elif self._late is None:
+            self._late = self.loop.call_later(LATE_CHECK_S, self._late_check, LATE_CHECK_S)
+
+    def _late_check(self, delay: float) -> None:
+        """Until the driver is signalled or waits for a later entry."""
+        self._late = None
+        q, state = self.queue, self.state
+        if q is None or state is None or state.call_fd < 0 or q.used_idx == q.call_used:
+            return
+        if not self.lock.locked() and not q.pushed:   # (no pass or memory change under way)
+            if q.call_missed():
+                os.eventfd_write(state.call_fd, 1)
+                q.call_used = q.used_idx
+                self.late_calls += 1
+                return
+            if q.waits_for_later():
+                return
+        delay = min(delay * 2, LATE_CHECK_MAX_S)
+        self._late = self.loop.call_later(delay, self._late_check, delay)
+
+    def _cancel_late(self) -> None:
+        if self._late is not None:
+            self._late.cancel()
+            self._late = None
 
     # ------------------------------------------------------------------ memory
     def _build(self) -> None:
@@ -123,6 +170,7 @@ class LocalRing(RingServer):
 
     def close(self) -> None:
         self._unwatch()
+        self._cancel_late()
         if self.queue is not None:
             self.queue.release()
             self.queue = None

@@ -278,74 +278,80 @@ class CEngine(Engine):
         shared page; a private one when None); ``slow``: slots the fast path leaves to
         the reference path (traced LUNs)."""
         self._pins = []
-        self.queue = queue
-        self.inflight = inflight
-        self.q = q = ffi.new("struct vsd_queue *")
-        size = queue.size
-        q.desc = self._pin(queue.desc)
-        q.avail = self._pin(queue.avail)
-        q.used = self._pin(queue.used)
-        q.size = size
-        q.mask = size - 1
-        q.last_avail = queue.last_avail
-        q.used_idx = queue.used_idx
-        q.signalled_used = queue.used_idx
-        q.call_used = queue.used_idx
-        q.signalled_valid = 0
-        q.event_idx = 1 if queue.event_idx else 0
-        q.call_fd = call_fd
-        if len(mem.regions) > lib.VSD_MAX_REGIONS:
-            raise ValueError(f"{len(mem.regions)} memory regions; the engine holds "
-                             f"{lib.VSD_MAX_REGIONS}")
-        for i, r in enumerate(mem.regions):
-            q.regions[i].gpa = r.gpa
-            q.regions[i].size = r.size
-            q.regions[i].host = self._pin(r.view)
-        q.nregions = len(mem.regions)
-        q.last_region = 0
-        q.cdb_size = cdb_size
-        q.sense_size = sense_size
-        if inflight is not None:
-            q.inflight = self._pin(inflight.buf)
-            q.counter = inflight.counter
-        else:
-            q.inflight = ffi.NULL
-        q.poll_max_ns = max(0, int(poll_us)) * 1000
-        q.poll_ns = 0
-        self._completed = ffi.new("uint16_t[]", size)
-        q.completed = self._completed
-        self._hstate = ffi.new("uint8_t[]", size)      # every head FREE
-        q.hstate = self._hstate
-        self._slow = ffi.new("uint16_t[]", size)
-        self.max_slow = size
+        self._map_pins: dict[int, object] = {}
         self.uring = None
         self.completion_fd = -1
-        self.uring_error = None
-        use_uring = any(wants_uring(r.spec) for r in luns.values())
-        if use_uring:
-            self._setup_uring(size)
-            if self.uring is None and log is not None:
-                log.warning("io_uring_unavailable", error=self.uring_error,
-                            fallback="synchronous I/O; injected latency served by timers")
-        # Statistics: the worker's shared page (or a private one).
-        self._stats_keep = None
-        if stats is None:
-            stats = self._stats_keep = ffi.new("struct vsd_stats *")
-        q.st = stats
-        self._base = {k: int(getattr(stats.q, k)) for k in _QSTATS}
-        q.lat_every = max(0, int(latency_sample))
-        q.lat_tick = 0
-        self._lunmap = ffi.new("uint16_t[]", lib.VSD_MAX_TARGETS * lib.VSD_TARGET_LUNS)
-        q.lunmap = self._lunmap
-        self.state_page = state_page
-        self.log = log
-        self._state_pins: dict[int, tuple] = {}
-        self._map_pins: dict[int, object] = {}
-        self._fast_by_spec: dict[int, bool] = {}
-        self.slow = set(slow)
-        q.nluns = 0
-        for slot, lun in luns.items():
-            self.set_lun(slot, lun)
+        try:
+            self.queue = queue
+            self.inflight = inflight
+            self.q = q = ffi.new("struct vsd_queue *")
+            size = queue.size
+            q.desc = self._pin(queue.desc)
+            q.avail = self._pin(queue.avail)
+            q.used = self._pin(queue.used)
+            q.size = size
+            q.mask = size - 1
+            q.last_avail = queue.last_avail
+            q.used_idx = queue.used_idx
+            q.signalled_used = queue.used_idx
+            q.call_used = queue.used_idx
+            q.signalled_valid = 0
+            q.event_idx = 1 if queue.event_idx else 0
+            q.call_fd = call_fd
+            if len(mem.regions) > lib.VSD_MAX_REGIONS:
+                raise ValueError(f"{len(mem.regions)} memory regions; the engine holds "
+                                 f"{lib.VSD_MAX_REGIONS}")
+            for i, r in enumerate(mem.regions):
+                q.regions[i].gpa = r.gpa
+                q.regions[i].size = r.size
+                q.regions[i].host = self._pin(r.view)
+            q.nregions = len(mem.regions)
+            q.last_region = 0
+            q.cdb_size = cdb_size
+            q.sense_size = sense_size
+            if inflight is not None:
+                q.inflight = self._pin(inflight.buf)
+                q.counter = inflight.counter
+            else:
+                q.inflight = ffi.NULL
+            q.poll_max_ns = max(0, int(poll_us)) * 1000
+            q.poll_ns = 0
+            self._completed = ffi.new("uint16_t[]", size)
+            q.completed = self._completed
+            self._hstate = ffi.new("uint8_t[]", size)      # every head FREE
+            q.hstate = self._hstate
+            self._slow = ffi.new("uint16_t[]", size)
+            self.max_slow = size
+            self.uring = None
+            self.completion_fd = -1
+            self.uring_error = None
+            use_uring = any(wants_uring(r.spec) for r in luns.values())
+            if use_uring:
+                self._setup_uring(size)
+                if self.uring is None and log is not None:
+                    log.warning("io_uring_unavailable", error=self.uring_error,
+                                fallback="synchronous I/O; injected latency served by timers")
+            # Statistics: the worker's shared page (or a private one).
+            self._stats_keep = None
+            if stats is None:
+                stats = self._stats_keep = ffi.new("struct vsd_stats *")
+            q.st = stats
+            self._base = {k: int(getattr(stats.q, k)) for k in _QSTATS}
+            q.lat_every = max(0, int(latency_sample))
+            q.lat_tick = 0
+            self._lunmap = ffi.new("uint16_t[]", lib.VSD_MAX_TARGETS * lib.VSD_TARGET_LUNS)
+            q.lunmap = self._lunmap
+            self.state_page = state_page
+            self.log = log
+            self._state_pins: dict[int, tuple] = {}
+            self._fast_by_spec: dict[int, bool] = {}
+            self.slow = set(slow)
+            q.nluns = 0
+            for slot, lun in luns.items():
+                self.set_lun(slot, lun)
+        except BaseException:
+            self._release()     # a start that fails keeps no pointer into guest memory
+            raise
 
     def _pin(self, buf):
         p = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
@@ -548,6 +554,9 @@ class CEngine(Engine):
             self.inflight.counter = self.q.counter
         self.queue.last_avail = self.q.last_avail
         self.queue.used_idx = self.q.used_idx
+        self._release()
+
+    def _release(self) -> None:
         if self.uring is not None:
             lib.vsd_uring_free(self.uring)
             self.uring = None

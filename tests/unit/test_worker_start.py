@@ -69,3 +69,52 @@ def test_failed_ring_start_leaks_nothing():
         sup.close()
         chan.close()
 
+
+
+def test_engine_that_fails_after_pinning_guest_memory_leaves_nothing(monkeypatch):
+    """The C engine fails part-way (after it pinned the ring and the memory regions):
+    the start is refused with that error, and no view of guest memory stays (a pinned
+    view made the cleanup itself fail with BufferError, leaving the ring mapped)."""
+    import vscsid.workers.engine as engine
+
+    def refuse(self, slot, lun):
+        raise ValueError("the engine refuses this LUN")
+
+    monkeypatch.setattr(engine.CEngine, "set_lun", refuse)
+    sup, chan = M.socketpair()
+    w = Worker(chan)
+    try:
+        spec = LunSpec.parse("null:1M")
+        assert _call(w, sup, M.Configure(seq=1, engine="c", lun_fds=[None],
+                                         luns=[{"lun": 0, "spec": spec.as_dict(),
+                                                "info": disk_info(spec, 0, 1 << 20)}])).ok
+        memfd = os.memfd_create("vscsid-test-guest")
+        os.ftruncate(memfd, 1 << 20)
+        region = RegionSpec(0, 1 << 20, 0x7F0000000000, 0).as_dict()
+        assert _call(w, sup, M.MapMemory(seq=2, regions=[region], region_fds=[memfd],
+                                         generation=1, max_regions=32)).ok
+        os.close(memfd)
+        before = _open_fds()
+        kick = os.eventfd(0, os.EFD_CLOEXEC)
+        call = os.eventfd(0, os.EFD_CLOEXEC)
+        M.send(sup, M.StartRing(seq=3, size=64, desc=0, avail=0x1000, used=0x2000,
+                                last_avail=0, event_idx=True, enabled=True, recover=False,
+                                kick=kick, call=call, inflight=None, inflight_offset=0,
+                                inflight_size=0))
+        for fd in (kick, call):
+            os.close(fd)
+        assert w._control()
+        rep = M.recv(sup)
+        assert not rep.ok and rep.error == "the engine refuses this LUN", rep
+        assert _open_fds() <= before, "the failed start kept fds"
+        assert not w.started and w.queue is None and w.eng is None
+        # The memory table can change afterwards: nothing holds the old one.
+        memfd = os.memfd_create("vscsid-test-guest2")
+        os.ftruncate(memfd, 1 << 20)
+        assert _call(w, sup, M.MapMemory(seq=4, regions=[region], region_fds=[memfd],
+                                         generation=2, max_regions=32)).ok
+        os.close(memfd)
+    finally:
+        w.close()
+        sup.close()
+        chan.close()

@@ -58,6 +58,9 @@ ffibuilder.set_source(
     "vscsid.workers._fast",
     '#ifndef _GNU_SOURCE\n#define _GNU_SOURCE\n#endif\n#include "_engine.c"\n',
     include_dirs=[str(HERE), str(VIRTIO)],
+    # (what the stub includes: a change to any of them rebuilds the extension)
+    depends=[str(HERE / "_engine.c"), str(HERE / "_engine.h"), str(VIRTIO / "virtio.h"),
+             str(VIRTIO / "fences.h")],
     extra_compile_args=_cflags,
     extra_link_args=_ldflags,
 )

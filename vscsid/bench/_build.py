@@ -32,6 +32,8 @@ ffibuilder.set_source(
     "vscsid.bench._loop",
     '#ifndef _GNU_SOURCE\n#define _GNU_SOURCE\n#endif\n#include "loop.c"\n',
     include_dirs=[str(HERE), str(VIRTIO)],
+    depends=[str(HERE / "loop.c"), str(HERE / "loop.h"), str(VIRTIO / "virtio.h"),
+             str(VIRTIO / "fences.h")],
     extra_compile_args=_shared.hardening(),
 )
 

@@ -24,6 +24,7 @@ ffibuilder.set_source(
     "vscsid.virtio._ring",
     '#ifndef _GNU_SOURCE\n#define _GNU_SOURCE\n#endif\n#include "ring.c"\n',
     include_dirs=[str(HERE)],
+    depends=[str(HERE / n) for n in ("ring.c", "ring.h", "virtio.h", "fences.h")],
     extra_compile_args=hardening(),
 )
 

@@ -322,8 +322,6 @@ class CEngine(Engine):
             q.hstate = self._hstate
             self._slow = ffi.new("uint16_t[]", size)
             self.max_slow = size
-            self.uring = None
-            self.completion_fd = -1
             self.uring_error = None
             use_uring = any(wants_uring(r.spec) for r in luns.values())
             if use_uring:

@@ -18,6 +18,8 @@ from vscsid.bench import virtio_scsi as vs
 from vscsid.bench.guestmem import FrontendMemory
 from vscsid.vhost.protocol import Request
 
+from tests.support.admin import rpc
+
 from .harness import (
     Guest, HostileDaemon, assert_tur_ok, check_serves, flood_without_reading, wait_for,
 )
@@ -193,6 +195,29 @@ def test_truncated_unsealable_memory_does_not_kill_the_daemon():
             g.kick(2)
             g.kick(0)
             d.wait_since(g.mark, "frontend_dropped", conn=g.conn)   # the front end, not the daemon
+            alive = d.alive()
+            g.close_and_wait()
+            assert alive, "the daemon died"
+            check_serves(d)
+        finally:
+            mem.close()
+
+
+def test_status_on_truncated_memory_drops_the_front_end_not_the_daemon():
+    """vscsid-ctl status reads the rings from guest memory: when the front end has
+    truncated it, the read faults (survived), status answers without the indices and
+    the front end is dropped, as when a queue faults."""
+    mem = FrontendMemory(8 << 20)          # no MFD_ALLOW_SEALING
+    with own_daemon() as d:
+        try:
+            g = Guest(d, mem=mem)
+            assert g.command(vs.test_unit_ready()).response.ok
+            for r in mem.regions:
+                os.ftruncate(r.fd, 0)
+            st = rpc(str(d.socket_path) + ".ctl", "status")
+            assert all(q.get("ring") is None for q in st["queues"]), st["queues"]
+            rec = d.wait_since(g.mark, "frontend_dropped", conn=g.conn)
+            assert "status" in rec["reason"], rec
             alive = d.alive()
             g.close_and_wait()
             assert alive, "the daemon died"

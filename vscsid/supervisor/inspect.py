@@ -11,7 +11,7 @@ from vscsid import __version__
 from vscsid.virtio.defs import (
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 )
-from vscsid.virtio.memory import GuestMemoryError
+from vscsid.virtio.memory import GuestMemoryError, fault_count
 from vscsid.virtio.splitq import peek_indices
 from vscsid.virtio.scsi_wire import (
     FIRST_REQUEST_QUEUE, VIRTIO_SCSI_F_CHANGE, VIRTIO_SCSI_F_HOTPLUG, VIRTIO_SCSI_F_INOUT,
@@ -51,7 +51,7 @@ def status(sup) -> dict:
             row = {"vq": ring.index, "kind": kind, "size": ring.num,
                    "started": ring.started, "enabled": ring.enabled, "broken": ring.broken}
             if ring.started:
-                row["ring"] = _ring_indices(s.handler.mem, ring)
+                row["ring"] = _ring_indices(s, ring)
             if ring.index < FIRST_REQUEST_QUEUE:      # (a request queue's are in stats)
                 row["late_interrupts"] = (s.control if ring.index == 0 else s.events).late_calls
             queues.append(row)
@@ -77,15 +77,22 @@ def status(sup) -> dict:
     }
 
 
-def _ring_indices(mem, ring) -> dict | None:
-    """The started ring's indices in guest memory now (None off the map)."""
+def _ring_indices(session, ring) -> dict | None:
+    """The started ring's indices in guest memory now (None off the map, or when the
+    read faulted: the front end took its memory away, and its session is told)."""
+    mem = session.handler.mem
     if mem is None or not ring.addr_set:
         return None
+    before = fault_count()
     try:
-        return peek_indices(mem, ring.num, mem.uva_to_gpa(ring.avail_uva),
-                            mem.uva_to_gpa(ring.used_uva))
+        out = peek_indices(mem, ring.num, mem.uva_to_gpa(ring.avail_uva),
+                           mem.uva_to_gpa(ring.used_uva))
     except GuestMemoryError:
         return None
+    if fault_count() != before:
+        session.memory_fault("the supervisor (status)")
+        return None
+    return out
 
 
 def raw(sup) -> dict:

@@ -184,7 +184,12 @@ def test_guest_memory_cannot_be_shrunk_under_the_daemon(make_daemon):
     check_serves(d)
 
 
-def test_truncated_unsealable_memory_does_not_kill_the_daemon():
+@contextlib.contextmanager
+def _truncated_memory():
+    """A daemon of its own and a guest whose (unsealable) memory the front end then
+    truncates to nothing. The block makes the daemon touch it; afterwards the front end
+    must have been dropped, the daemon alive and serving: (daemon, guest, the
+    frontend_dropped record filled in after the block)."""
     mem = FrontendMemory(8 << 20)          # no MFD_ALLOW_SEALING
     with own_daemon() as d:
         try:
@@ -192,38 +197,32 @@ def test_truncated_unsealable_memory_does_not_kill_the_daemon():
             assert g.command(vs.test_unit_ready()).response.ok
             for r in mem.regions:
                 os.ftruncate(r.fd, 0)
-            g.kick(2)
-            g.kick(0)
-            d.wait_since(g.mark, "frontend_dropped", conn=g.conn)   # the front end, not the daemon
+            dropped: dict = {}
+            yield d, g, dropped
+            # the front end, not the daemon
+            dropped.update(d.wait_since(g.mark, "frontend_dropped", conn=g.conn))
             alive = d.alive()
             g.close_and_wait()
             assert alive, "the daemon died"
             check_serves(d)
         finally:
             mem.close()
+
+
+def test_truncated_unsealable_memory_does_not_kill_the_daemon():
+    with _truncated_memory() as (_d, g, _dropped):
+        g.kick(2)
+        g.kick(0)
 
 
 def test_status_on_truncated_memory_drops_the_front_end_not_the_daemon():
     """vscsid-ctl status reads the rings from guest memory: when the front end has
     truncated it, the read faults (survived), status answers without the indices and
     the front end is dropped, as when a queue faults."""
-    mem = FrontendMemory(8 << 20)          # no MFD_ALLOW_SEALING
-    with own_daemon() as d:
-        try:
-            g = Guest(d, mem=mem)
-            assert g.command(vs.test_unit_ready()).response.ok
-            for r in mem.regions:
-                os.ftruncate(r.fd, 0)
-            st = rpc(str(d.socket_path) + ".ctl", "status")
-            assert all(q.get("ring") is None for q in st["queues"]), st["queues"]
-            rec = d.wait_since(g.mark, "frontend_dropped", conn=g.conn)
-            assert "status" in rec["reason"], rec
-            alive = d.alive()
-            g.close_and_wait()
-            assert alive, "the daemon died"
-            check_serves(d)
-        finally:
-            mem.close()
+    with _truncated_memory() as (d, _g, dropped):
+        st = rpc(str(d.socket_path) + ".ctl", "status")
+        assert all(q.get("ring") is None for q in st["queues"]), st["queues"]
+    assert "status" in dropped["reason"], dropped
 
 
 def test_truncated_inflight_region_does_not_kill_the_daemon():

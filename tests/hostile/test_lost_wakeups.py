@@ -16,6 +16,8 @@ re-check and no kick. The call must come, without any other event.
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from vscsid.bench import virtio_scsi as vs
@@ -37,7 +39,19 @@ def _late_calls(d, queue: int = 0) -> int:
     return next(q["late_interrupts"] for q in stats["queues"] if q["queue"] == queue)
 
 
-def _complete_unsignalled(g: Guest, q, suppress, submit=None, queue: int = 2) -> object:
+@contextlib.contextmanager
+def _request_queue(make_daemon, engine: str, event_idx: bool):
+    """A daemon of its own and a guest on it: (daemon, guest, request queue 0, the
+    queue's late interrupts so far)."""
+    d = make_daemon("--engine", engine)
+    g = Guest(d, event_idx=event_idx)
+    try:
+        yield d, g, g.queues[2], _late_calls(d)
+    finally:
+        g.close_and_wait()
+
+
+def _complete_unsignalled(g: Guest, q, submit=None, queue: int = 2) -> object:
     """Submit a command (TEST UNIT READY) with interrupts suppressed; wait until the
     device has published it (without reaping) and check that it did not signal."""
     submit = submit or (lambda: g.submit(TUR))
@@ -46,7 +60,7 @@ def _complete_unsignalled(g: Guest, q, suppress, submit=None, queue: int = 2) ->
     sync = submit()
     assert q.wait_call(WAIT)
     g.wait(sync, queue)
-    suppress()
+    q.disable_interrupts()
     before = q.used_idx()
     h = submit()
     wait_for(lambda: q.used_idx() != before, WAIT, what="the device to publish the completion")
@@ -67,13 +81,9 @@ def _publish_late(q, event_idx: bool) -> None:
 @pytest.mark.parametrize("event_idx", [True, False], ids=["event_idx", "flags"])
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_late_wish_gets_its_interrupt(make_daemon, engine, event_idx):
-    d = make_daemon("--engine", engine)
-    g = Guest(d, event_idx=event_idx)
-    try:
-        q = g.queues[2]
-        late = _late_calls(d)
+    with _request_queue(make_daemon, engine, event_idx) as (d, g, q, late):
         # used_event just behind the last entry seen, or VRING_AVAIL_F_NO_INTERRUPT
-        h = _complete_unsignalled(g, q, q.disable_interrupts)
+        h = _complete_unsignalled(g, q)
         _publish_late(q, event_idx)
         assert q.wait_call(WAIT), "the driver waits for an interrupt that never comes"
         g.wait(h)
@@ -92,27 +102,19 @@ def test_a_late_wish_gets_its_interrupt(make_daemon, engine, event_idx):
         q.enable_interrupts()
         g.command(TUR)
         assert _late_calls(d) == late + 1
-    finally:
-        g.close_and_wait()
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_driver_that_still_suppresses_gets_no_late_interrupt(make_daemon, engine):
     """used_event ahead of what was published: the driver waits for a later entry,
     and the device does not signal early."""
-    d = make_daemon("--engine", engine)
-    g = Guest(d, event_idx=True)
-    try:
-        q = g.queues[2]
-        late = _late_calls(d)
-        h = _complete_unsignalled(g, q, q.disable_interrupts)
+    with _request_queue(make_daemon, engine, True) as (d, g, q, late):
+        h = _complete_unsignalled(g, q)
         q.raw_used_event(q.last_used + 1)       # the entry after the one published
         assert not q.wait_call(2.5)               # (the idle re-check runs at least once a second)
         assert _late_calls(d) == late
         q.enable_interrupts()
         g.wait(h)
-    finally:
-        g.close_and_wait()
 
 
 def test_late_used_event_on_the_control_queue_gets_its_interrupt(daemon, baseline):
@@ -127,7 +129,7 @@ def test_late_used_event_on_the_control_queue_gets_its_interrupt(daemon, baselin
             q.kick()
             return h
 
-        h = _complete_unsignalled(g, q, q.disable_interrupts, tmf, queue=0)
+        h = _complete_unsignalled(g, q, tmf, queue=0)
         _publish_late(q, True)
         assert q.wait_call(WAIT), "the driver waits for an interrupt that never comes"
         g.wait(h, 0)

@@ -220,7 +220,7 @@ def show_stats(r: dict) -> str:
     out.append("")
     out.append(table([[q["queue"], q["requests"], q["fast"], q["slow"],
                        size_text(q["bytes_read"]), size_text(q["bytes_written"]), q["in_flight"],
-                       q["interrupts"], q["late_interrupts"]] for q in r["queues"]],
+                       q["interrupts"], q.get("late_interrupts", "-")] for q in r["queues"]],
                      ["QUEUE", "REQUESTS", "FAST", "SLOW", "READ", "WRITTEN", "IN FLIGHT",
                       "INTERRUPTS", "LATE"]))
     out.append("")

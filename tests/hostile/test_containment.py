@@ -185,20 +185,30 @@ def test_guest_memory_cannot_be_shrunk_under_the_daemon(make_daemon):
 
 
 @contextlib.contextmanager
-def _truncated_memory():
+def _truncated_memory(workers_paused: bool = False):
     """A daemon of its own and a guest whose (unsealable) memory the front end then
     truncates to nothing. The block makes the daemon touch it; afterwards the front end
     must have been dropped, the daemon alive and serving: (daemon, guest, the
-    frontend_dropped record filled in after the block)."""
+    frontend_dropped record filled in after the block). With ``workers_paused`` the
+    workers are stopped (SIGSTOP) from before the truncation to the end of the block, so
+    that only the block touches guest memory: an idle worker re-reads its ring once a
+    second (lost kicks and interrupts) and would otherwise fault first."""
     mem = FrontendMemory(8 << 20)          # no MFD_ALLOW_SEALING
     with own_daemon() as d:
         try:
             g = Guest(d, mem=mem)
             assert g.command(vs.test_unit_ready()).response.ok
-            for r in mem.regions:
-                os.ftruncate(r.fd, 0)
-            dropped: dict = {}
-            yield d, g, dropped
+            paused = d.workers() if workers_paused else []
+            try:
+                for pid in paused:
+                    os.kill(pid, signal.SIGSTOP)
+                for r in mem.regions:
+                    os.ftruncate(r.fd, 0)
+                dropped: dict = {}
+                yield d, g, dropped
+            finally:
+                for pid in paused:
+                    os.kill(pid, signal.SIGCONT)
             # the front end, not the daemon
             dropped.update(d.wait_since(g.mark, "frontend_dropped", conn=g.conn))
             alive = d.alive()
@@ -219,7 +229,7 @@ def test_status_on_truncated_memory_drops_the_front_end_not_the_daemon():
     """vscsid-ctl status reads the rings from guest memory: when the front end has
     truncated it, the read faults (survived), status answers without the indices and
     the front end is dropped, as when a queue faults."""
-    with _truncated_memory() as (d, _g, dropped):
+    with _truncated_memory(workers_paused=True) as (d, _g, dropped):
         st = rpc(str(d.socket_path) + ".ctl", "status")
         assert all(q.get("ring") is None for q in st["queues"]), st["queues"]
     assert "status" in dropped["reason"], dropped

@@ -14,6 +14,7 @@ import datetime
 import itertools
 import json
 import os
+import signal
 import socket
 import sys
 
@@ -372,8 +373,13 @@ def _trace(c: Client, args) -> int:
         if args.count <= 0:
             raise CtlError("--count must be positive")
         params["count"] = args.count
-    id_ = c.send("trace", params)
+    # Ctrl-C (SIGINT) or a SIGTERM (`timeout 60 vscsid-ctl trace`, a service
+    # manager) ends the trace with exit 0, also when the shell that started it
+    # in the background left SIGINT ignored (POSIX shells do that to `cmd &`).
+    old = {sig: signal.signal(sig, signal.default_int_handler)
+           for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        id_ = c.send("trace", params)
         while True:
             msg = c.read()
             if msg.get("method") == "trace":
@@ -390,6 +396,9 @@ def _trace(c: Client, args) -> int:
                 return EXIT_OK
     except KeyboardInterrupt:
         return EXIT_OK
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:

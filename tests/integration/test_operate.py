@@ -186,6 +186,30 @@ def test_a_trace_whose_client_goes_away_stops(start_daemon, make_image, guest_fa
     assert rpc(d.admin_socket, "status")["tracing"] is False
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_trace_started_in_the_background_ends_cleanly_on_a_signal(start_daemon, make_image,
+                                                                    tmp_path, sig):
+    """`vscsid-ctl trace &` from a script: a POSIX shell starts its background jobs with
+    SIGINT ignored; Ctrl-C's signal and SIGTERM (`timeout`, a service manager) still end the
+    trace with exit 0 and the daemon stops tracing."""
+    img = make_image("a.img", 8 << 20)
+    d = start_daemon("--lun", str(img))
+    script = '"$@" >"$OUT" 2>&1 & echo $!; wait $!; echo "rc=$?"'
+    sh = subprocess.Popen(["bash", "-c", script, "_", str(BIN / "vscsid-ctl"), "-s",
+                           str(d.admin_socket), "trace"],
+                          stdout=subprocess.PIPE, text=True,
+                          env={**os.environ, "OUT": str(tmp_path / "trace.out")})
+    try:
+        pid = int(sh.stdout.readline())
+        wait_for(lambda: d.events("trace_started"), what="the trace to start")
+        os.kill(pid, sig)
+        out, _ = sh.communicate(timeout=30)
+    finally:
+        sh.kill()
+    assert out.strip() == "rc=0", (out, (tmp_path / "trace.out").read_text())
+    wait_for(lambda: d.events("trace_stopped"), what="the trace to stop")
+
+
 def _write_config(path: Path, sock: Path, luns: list[dict], level: str = "debug") -> None:
     lines = [f'socket-path = "{sock}"', 'log-format = "json"', f'log-level = "{level}"',
              "quiet = true"]

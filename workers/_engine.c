@@ -906,6 +906,11 @@ static int fast_one(struct vsd_queue *q, uint16_t head)
             return 0;
         fd = l->buffered_fd;
         q->st->q.unaligned++;
+        /* Never in this loop: a miss, or the partial page a write fills in, waits
+         * for the disk. io_uring reads it asynchronously (or its workers write). */
+        if (q->uring && !(l->flags & LUN_SYNC))
+            return submit_async(q, l, head, kind, fd, iov, niov, off, bytes, written, bytes,
+                                resp, fua, t0);
     } else if (q->uring && (l->flags & LUN_ASYNC)) {
         return submit_async(q, l, head, kind, fd, iov, niov, off, bytes, written, bytes, resp,
                             fua, t0);

@@ -723,9 +723,9 @@ def disk_image(args) -> Path:
 def run_side_by_side(backends: list[Backend], base: Path, measurements, args, out: dict,
                      table: str) -> None:
     """Start every backend at once and take each measurement in turn from every one of them,
-    REPEAT rounds, each row the median of its rounds. A machine's (or a disk's) speed drifts
-    over minutes -- other tenants of the host, write-back -- and a whole series of one daemon
-    after another's would put that drift between them. ``measurements``: (label, kwargs of
+    REPEAT rounds (each in a rotated order), each row the median of its rounds. A machine's
+    (or a disk's) speed drifts over minutes -- other tenants of the host, write-back -- and a
+    whole series of one daemon after another's would put that drift between them. ``measurements``: (label, kwargs of
     bench) pairs."""
     started = []
     try:
@@ -738,8 +738,11 @@ def run_side_by_side(backends: list[Backend], base: Path, measurements, args, ou
         print(f"\n### side by side: {', '.join(b.name for b in started)}", flush=True)
         for label, kw in measurements:
             runs: dict[str, list[dict]] = {b.name: [] for b in started}
-            for _ in range(REPEAT):
-                for b in started:
+            for rnd in range(REPEAT):
+                # Each round starts one daemon later: a disk that speeds up or slows down
+                # within a round would otherwise favour whoever always runs last.
+                k = rnd % len(started)
+                for b in started[k:] + started[:k]:
                     runs[b.name].append(_bench_quiet(b, seconds=args.seconds, ramp=args.ramp, **kw))
             for b in started:
                 r = row(b.name, _median(runs[b.name]), rw=label, qd=kw["iodepth"],

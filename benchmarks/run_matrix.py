@@ -741,7 +741,7 @@ def run_side_by_side(backends: list[Backend], base: Path, measurements, args, ou
             for rnd in range(REPEAT):
                 # Each round starts one daemon later: a disk that speeds up or slows down
                 # within a round would otherwise favour whoever always runs last.
-                k = rnd % len(started)
+                k = rnd % max(1, len(started))
                 for b in started[k:] + started[:k]:
                     runs[b.name].append(_bench_quiet(b, seconds=args.seconds, ramp=args.ramp, **kw))
             for b in started:

@@ -1031,6 +1031,12 @@ static int reap(struct vsd_queue *q, uint16_t *slow, int *nslow, int max_slow)
     return done;
 }
 
+/* A long pass publishes its completions (and signals, if the driver asks for it) every
+ * PUBLISH_EVERY of them, not only at its end: a driver that waits for an interrupt
+ * gets the first completions while the rest are served, and its new requests are
+ * there before the pass ends -- the two sides overlap instead of taking turns. */
+#define PUBLISH_EVERY 8
+
 /*
  * One pass over the queue: reap finished asynchronous I/O, pop new requests
  * (up to `budget`), serve the fast ones and return the rest in `slow` for the
@@ -1090,6 +1096,8 @@ int vsd_run(struct vsd_queue *q, uint16_t *slow, int max_slow, int budget)
                 q->st->q.slow++;
                 slow[nslow++] = head;
             }
+            if (q->ncompleted >= PUBLISH_EVERY)
+                vsd_flush(q);
         }
         if (q->uring)
             submit(q->uring);

@@ -6,7 +6,8 @@ control channel, on the ring's kick eventfd and on completion sources. An
 path serves the common READ/WRITE itself, in its own loop that polls and sleeps
 until Python is needed — and every other request runs through the reference
 path here: virtio-scsi framing, the SCSI target, the backend. Completions are
-published and signalled once per pass (subject to EVENT_IDX / NO_INTERRUPT).
+published and signalled once per pass (subject to EVENT_IDX / NO_INTERRUPT); the C
+engine's own loop also publishes every few completions of a long pass.
 
 Requests may complete out of order (the virtio spec allows it): a LUN with
 injected latency (``delay_us``) completes its I/O from a timer, a command
@@ -351,8 +352,9 @@ class Worker:
 
     def _finish_pass(self, slow: list[int]) -> None:
         """After the engine ran: serve what it handed over, publish, check health.
-        Completions are published once per pass: a head pushed in this pass is not
-        the driver's yet, so offering it again breaks the ring."""
+        What the reference path pushed in this pass is published here (the C engine
+        published its own as it went): a head pushed and not yet published is not the
+        driver's, so offering it again breaks the ring."""
         for head in slow:
             self._start(head)
         self._flush()

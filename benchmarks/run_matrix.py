@@ -725,8 +725,8 @@ def run_side_by_side(backends: list[Backend], base: Path, measurements, args, ou
     """Start every backend at once and take each measurement in turn from every one of them,
     REPEAT rounds (each in a rotated order), each row the median of its rounds. A machine's
     (or a disk's) speed drifts over minutes -- other tenants of the host, write-back -- and a
-    whole series of one daemon after another's would put that drift between them. ``measurements``: (label, kwargs of
-    bench) pairs."""
+    whole series of one daemon after another's would put that drift between them.
+    ``measurements``: (label, kwargs of bench) pairs."""
     started = []
     try:
         for b in backends:

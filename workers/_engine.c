@@ -24,6 +24,7 @@
 #include <stddef.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -577,6 +578,51 @@ static int do_sync_io(int fd, int is_write, struct iovec *iov, int niov,
     return 0;
 }
 
+#define MAP_MTIME_NS 1000000000ull   /* writes through a mapping: mtime at most 1 s behind */
+
+/* A read or write of a memory file by a copy through its mapping. The mapping is
+ * guarded (vscsid/virtio/ring.c): a page that faults (the file truncated under
+ * us, a hole when the tmpfs is full) becomes an anonymous page and the copy
+ * completes, but the data went nowhere (or came from nowhere). The guard counts
+ * that fault in *l->map_faults; if it rose during the copy, the engine gives
+ * the mapping up for this LUN and returns -1, and the caller hands the request
+ * to the reference path, which does it again by a system call (the whole
+ * request: redoing what did reach the file writes the same bytes again) and
+ * answers with that call's result or its error. */
+static int map_copy(struct vsd_queue *q, struct vsd_lun *l, int is_write, const struct iovec *iov,
+                    int niov, uint64_t off)
+{
+    unsigned long f0 = __atomic_load_n(l->map_faults, __ATOMIC_SEQ_CST);
+    uint8_t *p = l->map + off;
+    int k;
+    for (k = 0; k < niov; k++) {
+        if (is_write)
+            memcpy(p, iov[k].iov_base, iov[k].iov_len);
+        else
+            memcpy(iov[k].iov_base, p, iov[k].iov_len);
+        p += iov[k].iov_len;
+    }
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);    /* the handler ran in this thread, in a copy */
+    if (__atomic_load_n(l->map_faults, __ATOMIC_SEQ_CST) != f0) {
+        l->map = NULL;
+        l->flags &= ~(uint32_t)LUN_MAP_WRITE;
+        q->st->q.map_faults++;
+        return -1;
+    }
+    if (is_write) {
+        struct timespec ts;
+        uint64_t now;
+        clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+        now = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+        if (now >= l->map_mtime_next) {
+            static const struct timespec mtime_now[2] = {{0, UTIME_OMIT}, {0, UTIME_NOW}};
+            futimens(l->fd, mtime_now);
+            l->map_mtime_next = now + MAP_MTIME_NS;
+        }
+    }
+    return 0;
+}
+
 /* O_DIRECT needs the file offset, the length and every buffer aligned. */
 static int dio_aligned(const struct vsd_lun *l, const struct iovec *iov, int niov, uint64_t off,
                        uint64_t len)
@@ -915,14 +961,10 @@ static int fast_one(struct vsd_queue *q, uint16_t head)
         return submit_async(q, l, head, kind, fd, iov, niov, off, bytes, written, bytes, resp,
                             fua, t0);
     }
-    if (kind == IO_READ && l->map) {
+    if (l->map && (kind == IO_READ || ((l->flags & LUN_MAP_WRITE) && !fua))) {
         /* A memory file (tmpfs): its pages are the data; a copy, no system call. */
-        uint64_t pos = off;
-        int k;
-        for (k = 0; k < niov; k++) {
-            memcpy(iov[k].iov_base, l->map + pos, iov[k].iov_len);
-            pos += iov[k].iov_len;
-        }
+        if (map_copy(q, l, kind == IO_WRITE, iov, niov, off))
+            return 0;       /* it faulted: the reference path answers by a system call */
         complete_fast(q, l, head, kind, bytes, resp, written, t0);
         return 1;
     }

@@ -23,6 +23,7 @@
                                wait for the disk (buffered files and devices) */
 #define LUN_DIRECT 64       /* opened O_DIRECT: unaligned requests take buffered_fd */
 #define LUN_SYNC 128        /* aio=sync: every read and write inline, as preadv/pwritev */
+#define LUN_MAP_WRITE 256   /* map is writable: writes are copies into it too */
 
 /* struct vsd_queue.broken: why the ring as a whole is unusable */
 #define VSD_BROKEN_AVAIL_JUMP 1    /* avail->idx moved by more than the queue size */
@@ -51,7 +52,14 @@ struct vsd_lun {
     uint32_t mem_align;             /* O_DIRECT: buffer address and length alignment */
     int buffered_fd;                /* O_DIRECT: the same file without it, or -1 */
     uint64_t write_async_until;     /* writes go through io_uring until then (ns) */
-    const uint8_t *map;             /* a memory file (tmpfs) mapped whole: reads are copies */
+    uint8_t *map;                   /* a memory file (tmpfs) mapped whole: reads (and with
+                                       LUN_MAP_WRITE, writes) are copies; NULL: none */
+    unsigned long *map_faults;      /* the mapping's SIGBUS count (vsd_guard_add_counted);
+                                       a copy it rose during is redone by a system call
+                                       and the engine stops using the mapping */
+    uint64_t map_mtime_next;        /* writes through map: when to set the file's mtime next
+                                       (CLOCK_MONOTONIC_COARSE ns; the kernel sets it only
+                                       on a page's first write fault) */
     uint32_t *ua;                   /* its pending unit attentions (4 bytes of the shared
                                        state page, vscsid/lunstate.py), may be NULL: while
                                        any is set the LUN's requests take the reference path */
@@ -75,6 +83,7 @@ struct vsd_qstats {
     uint64_t max_in_flight, nowait_miss, write_blocked, unaligned;
     uint64_t poll_hits, kicks;
     uint64_t late_calls;            /* calls sent only when the queue went idle (vsd_late_call) */
+    uint64_t map_faults;            /* LUN mappings given up after a fault (a file shrank) */
 };
 
 struct vsd_lunstats {

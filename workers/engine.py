@@ -112,6 +112,11 @@ class Engine:
     def release_map(self, slot: int) -> None:
         """Let go of the LUN's memory-file mapping (it is about to change size)."""
 
+    def maps_lost(self) -> list[int]:
+        """LUN slots whose memory-file mapping faulted since the last call (the engine
+        stopped using it: a file shrank under it, or a full tmpfs had no page)."""
+        return []
+
     def stats(self) -> dict:
         return {}
 
@@ -224,7 +229,7 @@ class PyEngine(Engine):
 
 _QSTATS = ("fast", "slow", "bytes_in", "bytes_out", "calls", "batches", "async",
            "max_in_flight", "poll_hits", "kicks", "nowait_miss", "write_blocked", "unaligned",
-           "late_calls")
+           "late_calls", "map_faults")
 
 
 def lun_flags(spec: LunSpec, uring: bool) -> int:
@@ -279,6 +284,7 @@ class CEngine(Engine):
         the reference path (traced LUNs)."""
         self._pins = []
         self._map_pins: dict[int, object] = {}
+        self._maps_lost: set[int] = set()      # slots maps_lost() has reported
         self.uring = None
         self.completion_fd = -1
         try:
@@ -335,6 +341,7 @@ class CEngine(Engine):
                 stats = self._stats_keep = ffi.new("struct vsd_stats *")
             q.st = stats
             self._base = {k: int(getattr(stats.q, k)) for k in _QSTATS}
+            self._map_faults_seen = self._base["map_faults"]
             q.lat_every = max(0, int(latency_sample))
             q.lat_tick = 0
             self._lunmap = ffi.new("uint16_t[]", lib.VSD_MAX_TARGETS * lib.VSD_TARGET_LUNS)
@@ -489,11 +496,17 @@ class CEngine(Engine):
             entry.write_async_until = 0
         if slot not in self._map_pins:
             entry.map = ffi.NULL
+            entry.map_faults = ffi.NULL
             mapping = getattr(disk.backend, "memory_map", lambda: None)()
             if mapping is not None and len(mapping) >= disk.num_blocks * disk.info.block_size:
+                counter = disk.backend.map_faults
                 p = ffi.from_buffer("uint8_t[]", mapping)
-                self._map_pins[slot] = p
+                self._map_pins[slot] = (p, counter)     # both live while the engine uses them
+                entry.map_faults = ffi.cast("unsigned long *", counter.address)
                 entry.map = p
+        # (the engine clears map when the mapping faulted: then writes stay system calls)
+        if entry.map != ffi.NULL and getattr(disk.backend, "map_writable", False):
+            entry.flags |= lib.LUN_MAP_WRITE
         if lun.number < lib.VSD_TARGET_LUNS and 0 <= lun.target < lib.VSD_MAX_TARGETS:
             self._lunmap[lun.target * lib.VSD_TARGET_LUNS + lun.number] = slot + 1
         q.nluns = max(q.nluns, slot + 1)
@@ -526,10 +539,24 @@ class CEngine(Engine):
                     entry.flags |= lib.LUN_FAST
 
     def release_map(self, slot: int) -> None:
-        p = self._map_pins.pop(slot, None)
-        if p is not None:
-            self.q.luns[slot].map = ffi.NULL
-            ffi.release(p)
+        pin = self._map_pins.pop(slot, None)
+        if pin is not None:
+            entry = self.q.luns[slot]
+            entry.map = ffi.NULL
+            entry.flags &= ~lib.LUN_MAP_WRITE
+            entry.map_faults = ffi.NULL
+            self._maps_lost.discard(slot)
+            ffi.release(pin[0])
+
+    def maps_lost(self) -> list[int]:
+        n = int(self.q.st.q.map_faults)
+        if n == self._map_faults_seen:
+            return []
+        self._map_faults_seen = n
+        lost = [slot for slot in self._map_pins
+                if self.q.luns[slot].map == ffi.NULL and slot not in self._maps_lost]
+        self._maps_lost.update(lost)
+        return lost
 
     def stats(self) -> dict:
         """The counters since this engine started (the shared page goes on counting
@@ -543,7 +570,8 @@ class CEngine(Engine):
                 "c_max_in_flight": now["max_in_flight"], "poll_hits": d["poll_hits"],
                 "c_kicks": d["kicks"], "requests": d["fast"] + d["slow"],
                 "nowait_misses": d["nowait_miss"], "writes_blocked": d["write_blocked"],
-                "unaligned_direct": d["unaligned"], "late_calls": d["late_calls"]}
+                "unaligned_direct": d["unaligned"], "late_calls": d["late_calls"],
+                "map_faults": d["map_faults"]}
 
     def close(self) -> None:
         """Hand the ring's state back to the SplitQueue and inflight region, release

@@ -355,6 +355,9 @@ class Worker:
         What the reference path pushed in this pass is published here (the C engine
         published its own as it went): a head pushed and not yet published is not the
         driver's, so offering it again breaks the ring."""
+        if slow:
+            for slot in self.eng.maps_lost():
+                self._map_lost(slot)
         for head in slow:
             self._start(head)
         self._flush()
@@ -949,6 +952,15 @@ class Worker:
         self._faults = n
         self.broken = True
         self._send(M.Event(event="memory_fault"))
+
+    def _map_lost(self, slot: int) -> None:
+        """A LUN's memory file faulted under its mapping (once per LUN and mapping)."""
+        ref = self.luns.get(slot)
+        self.log.warning("lun_map_fault", lun=f"{ref.target}:{ref.number}" if ref else slot,
+                         reason="SIGBUS on the LUN's memory file: it shrank under the "
+                                "mapping, or its tmpfs had no page for a hole",
+                         effect="the request and the LUN's later ones are served by system "
+                                "calls, which answer with their errors")
 
     def _ring_broken(self, reason: str) -> None:
         if self.broken:

@@ -226,3 +226,103 @@ def test_tmpfs_writes_stay_inline_when_workers_share_a_cpu(start_daemon, engine,
         assert [r["async"] for r in stops] == [0, 0], stops
     finally:
         os.unlink(img)
+
+
+@pytest.fixture
+def memory_file(engine):
+    img = f"/dev/shm/vscsid-mem-{os.getpid()}-{engine}.img"
+    with open(img, "wb") as f:
+        f.write(os.urandom(4 << 20))
+    yield img
+    os.unlink(img)
+
+
+def test_memory_file_writes_keep_its_mtime_current(start_daemon, guest_factory,  # noqa: F811
+                                                   memory_file):
+    # Writes through the mapping: the kernel sets the file's mtime only on a page's
+    # first write fault; the daemon keeps it at most a second behind.
+    d = start_daemon("--lun", memory_file)
+    g = guest_factory(d)
+    assert g.command(vs.write10(0, 8), data_out=os.urandom(4096)).response.ok
+    os.utime(memory_file, (946684800, 946684800))               # 2000-01-01
+    import time
+    time.sleep(1.2)
+    payload = os.urandom(4096)
+    assert g.command(vs.write10(0, 8), data_out=payload).response.ok   # the same page
+    assert os.stat(memory_file).st_mtime > 946684800 + 86400
+    with open(memory_file, "rb") as f:
+        assert f.read(4096) == payload
+
+
+def test_memory_file_truncated_under_the_lun_loses_no_write(start_daemon, guest_factory,  # noqa: F811
+                                                            memory_file, engine):
+    # The file shrinks behind the daemon's back (4 MiB -> 1 MiB, the LUN not resized).
+    # A write beyond the new end faults in the mapping: it must reach the file (a
+    # system call writes it there), a read must give the file's data, and the guest
+    # keeps its device (the fault is the LUN file's, not guest memory).
+    d = start_daemon("--lun", memory_file)
+    g = guest_factory(d)
+    assert g.command(vs.read10(4096, 8), data_in_len=4096).response.ok   # maps the page
+    os.truncate(memory_file, 1 << 20)
+    payload = os.urandom(4096)
+    h = g.command(vs.write10(4096, 8), data_out=payload)                 # at 2 MiB
+    assert h.response.ok, h.response
+    with open(memory_file, "rb") as f:
+        f.seek(4096 * BS)
+        assert f.read(4096) == payload
+    h = g.command(vs.read10(4096, 8), data_in_len=4096)
+    assert h.response.ok and h.data_in == payload
+    h = g.command(vs.read10(0, 8), data_in_len=4096)
+    assert h.response.ok
+    with open(memory_file, "rb") as f:
+        assert h.data_in == f.read(4096)
+    assert not d.events("guest_memory_fault")
+    if engine == "c":
+        assert len(d.events("lun_map_fault")) == 1
+        assert ring_stats(d, g)["map_faults"] == 1
+
+
+@pytest.fixture
+def full_tmpfs(tmp_path):
+    """A 1 MiB tmpfs, full, holding a 4 MiB sparse file whose first MiB is data."""
+    import subprocess
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "vscsid-test", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    try:
+        img = mnt / "lun.img"
+        with open(img, "wb") as f:
+            f.truncate(4 << 20)
+            try:
+                for i in range(256):
+                    f.write(os.urandom(4096))
+                    f.flush()
+            except OSError:
+                pass
+        yield img
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_memory_file_on_a_full_tmpfs_answers_no_space(start_daemon, guest_factory,  # noqa: F811
+                                                      full_tmpfs, engine):
+    # A write into a hole needs a page the tmpfs does not have: through the mapping
+    # that is a fault, and the data would go nowhere. The guest must get SPACE
+    # ALLOCATION FAILED (as from pwritev's ENOSPC), and a read of a hole gives zeros.
+    d = start_daemon("--lun", str(full_tmpfs))
+    g = guest_factory(d)
+    hole = (3 << 20) // BS
+    h = g.command(vs.read10(hole, 8), data_in_len=4096)
+    assert h.response.ok and h.data_in == bytes(4096)
+    h = g.command(vs.write10(hole, 8), data_out=os.urandom(4096))
+    assert h.response.status == 2, h.response                   # CHECK CONDITION
+    s = h.response.sense_key()
+    assert (s.key, s.asc, s.ascq) == (0x7, 0x27, 0x07), s
+    h = g.command(vs.read10(0, 8), data_in_len=4096)
+    assert h.response.ok
+    with open(full_tmpfs, "rb") as f:
+        assert h.data_in == f.read(4096)
+    assert not d.events("guest_memory_fault")

@@ -153,15 +153,38 @@ class Region:
         self._guard = None
 
 
-def guard_mapping(mm: mmap.mmap):
-    """Register a shared mapping of a front end's file with the SIGBUS guard (see
-    :func:`install_fault_guard`). Returns the handle for :func:`unguard_mapping`."""
+class FaultCounter:
+    """A mapping's own count of faulted pages (:func:`guard_mapping` with it): faults
+    there are survived the same way but are not guest memory faults (they do not
+    raise :func:`fault_count`). C code reads it at :attr:`address`."""
+
+    __slots__ = ("_c",)
+
+    def __init__(self):
+        self._c = _ffi.new("unsigned long[1]")
+
+    @property
+    def value(self) -> int:
+        return int(self._c[0])
+
+    @property
+    def address(self) -> int:
+        return int(_ffi.cast("uintptr_t", self._c))
+
+
+def guard_mapping(mm: mmap.mmap, counter: FaultCounter | None = None):
+    """Register a shared mapping with the SIGBUS guard (see :func:`install_fault_guard`):
+    a front end's file, or (with its own ``counter``) another file that can shrink
+    under us. Returns the handle for :func:`unguard_mapping`."""
     if _lib is None:
         return None
     pin = _ffi.from_buffer(mm)
     base = _ffi.cast("uint8_t *", int(_ffi.cast("uintptr_t", pin)))
     _ffi.release(pin)
-    _lib.vsd_guard_add(base, len(mm))
+    if counter is None:
+        _lib.vsd_guard_add(base, len(mm))
+    else:
+        _lib.vsd_guard_add_counted(base, len(mm), counter._c)
     return base
 
 

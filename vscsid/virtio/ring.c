@@ -54,12 +54,17 @@ size_t vq_avail_event_off(uint32_t size)
  * guest-memory mapping; if so it maps an anonymous zero page over the faulting
  * page and returns, so the access completes (reading zeros) and the process
  * lives. The fault is counted; the caller notices the count change and drops
- * the front end. Faults anywhere else go to the previous handler (e.g.
- * Python's faulthandler), unchanged.
+ * the front end. A mapping registered with its own counter (a LUN's memory
+ * file, vsd_guard_add_counted) counts there instead: its owner stops using the
+ * mapping, and the front end is not to blame. Faults anywhere else go to the
+ * previous handler (e.g. Python's faulthandler), unchanged.
  */
 #define VSD_MAX_GUARDS 128
 
-static struct { uintptr_t start, end; } vsd_guards[VSD_MAX_GUARDS];
+static struct {
+    uintptr_t start, end;
+    unsigned long *faults;          /* its own counter, or NULL: guest memory */
+} vsd_guards[VSD_MAX_GUARDS];
 static volatile int vsd_nguards;
 static volatile unsigned long vsd_faults;
 static struct sigaction vsd_old_bus;
@@ -75,7 +80,10 @@ static void vsd_on_sigbus(int sig, siginfo_t *si, void *uctx)
             void *page = (void *)(a & ~(uintptr_t)(pg - 1));
             if (mmap(page, (size_t)pg, PROT_READ | PROT_WRITE,
                      MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0) != MAP_FAILED) {
-                vsd_faults++;
+                if (vsd_guards[i].faults)
+                    __atomic_add_fetch(vsd_guards[i].faults, 1, __ATOMIC_SEQ_CST);
+                else
+                    vsd_faults++;
                 return;
             }
             break;
@@ -102,16 +110,22 @@ int vsd_sigbus_install(void)
     return 0;
 }
 
-int vsd_guard_add(uint8_t *start, uint64_t len)
+int vsd_guard_add_counted(uint8_t *start, uint64_t len, unsigned long *faults)
 {
     int n = vsd_nguards;
     if (n >= VSD_MAX_GUARDS)
         return -1;
     vsd_guards[n].start = (uintptr_t)start;
     vsd_guards[n].end = (uintptr_t)start + len;
+    vsd_guards[n].faults = faults;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     vsd_nguards = n + 1;
     return 0;
+}
+
+int vsd_guard_add(uint8_t *start, uint64_t len)
+{
+    return vsd_guard_add_counted(start, len, NULL);
 }
 
 void vsd_guard_remove(uint8_t *start)

@@ -15,5 +15,7 @@ size_t vq_avail_event_off(uint32_t size);
 
 int vsd_sigbus_install(void);
 int vsd_guard_add(uint8_t *start, uint64_t len);
+/* A mapping whose faults count in *faults, not in vsd_fault_count (a LUN's memory file). */
+int vsd_guard_add_counted(uint8_t *start, uint64_t len, unsigned long *faults);
 void vsd_guard_remove(uint8_t *start);
 unsigned long vsd_fault_count(void);

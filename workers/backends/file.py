@@ -153,6 +153,8 @@ class FileBackend(Backend):
         self._buffered_fd = -1
         self._map = None
         self._map_guard = None
+        self._map_faults = None
+        self.map_writable = False
         try:
             st = os.fstat(fd)
             if stat.S_ISBLK(st.st_mode):
@@ -186,19 +188,39 @@ class FileBackend(Backend):
             self.dio_align, self.mem_align = align if align else (max(lbs, 512), max(lbs, 512))
 
     def memory_map(self):
-        """A read-only shared mapping of the whole file when it lives in memory
-        (tmpfs: its page cache is the storage, so reading it by a copy never waits
-        for a disk), else None. The mapping is guarded like guest memory: a file
-        truncated under it faults to zeros instead of killing the process."""
+        """A shared mapping of the whole file when it lives in memory (tmpfs: its page
+        cache is the storage, so reading or writing it by a copy never waits for a
+        disk), else None. Writable (:attr:`map_writable`) unless the LUN is read-only.
+
+        The mapping is guarded like guest memory, with its own fault counter
+        (:attr:`map_faults`): a page that faults (the file truncated under it, or a
+        hole when the tmpfs is full) is survived, the engine stops using the mapping
+        and serves the request by a system call, which gives the right answer (and
+        its error). Once the mapping has faulted this returns None."""
+        if self._map_faults is not None and self._map_faults.value:
+            return None
         if self._map is None and not self.is_block_device and not self.direct and self.size:
             if fs_type(self.fd) == TMPFS_MAGIC:
                 import mmap as _mmap
 
-                from vscsid.virtio.memory import guard_mapping
+                from vscsid.virtio.memory import FaultCounter, guard_mapping
 
-                self._map = _mmap.mmap(self.fd, self.size, _mmap.MAP_SHARED, _mmap.PROT_READ)
-                self._map_guard = guard_mapping(self._map)
+                prot = _mmap.PROT_READ if self.readonly else _mmap.PROT_READ | _mmap.PROT_WRITE
+                try:
+                    self._map = _mmap.mmap(self.fd, self.size, _mmap.MAP_SHARED, prot)
+                except PermissionError:      # an inherited fd opened read-only
+                    self._map = _mmap.mmap(self.fd, self.size, _mmap.MAP_SHARED,
+                                           _mmap.PROT_READ)
+                    prot = _mmap.PROT_READ
+                self.map_writable = bool(prot & _mmap.PROT_WRITE)
+                self._map_faults = FaultCounter()
+                self._map_guard = guard_mapping(self._map, self._map_faults)
         return self._map
+
+    @property
+    def map_faults(self):
+        """The mapping's fault counter (vscsid.virtio.memory.FaultCounter), or None."""
+        return self._map_faults
 
     @property
     def buffered_fd(self) -> int:

@@ -12,9 +12,13 @@
  * chosen budgets, completes punted heads (as the reference path would) now or
  * later, resubmits heads as after a crash, and rewrites guest memory between
  * passes and at the very points where the engine has just read it (VSD_HOOK:
- * after avail->idx, after an available entry, after each descriptor). After
- * every step the engine's bookkeeping must hold its invariants; any access
- * outside guest memory or the engine's own arrays is an ASan report.
+ * after avail->idx, after an available entry, after each descriptor). The
+ * file LUN may be served through a shared mapping of its memfd (as a tmpfs
+ * file is), and that file may be emptied for the input (the whole mapping
+ * faults: the guard counts it, and the engine must give the mapping
+ * up and punt the request). After every step the engine's bookkeeping must
+ * hold its invariants; any access outside guest memory or the engine's own
+ * arrays is an ASan report.
  */
 #define _GNU_SOURCE
 #include <stdint.h>
@@ -30,6 +34,7 @@ struct vsd_queue;
 static void fuzz_hook(struct vsd_queue *q, const char *what, uint8_t *ptr);
 #define VSD_HOOK(q, what, ptr) fuzz_hook((q), (what), (ptr))
 #include "_engine.c"
+#include "ring.c"                   /* the SIGBUS guard a LUN's mapping is registered with */
 
 #define GUEST_SIZE (1 << 16)
 #define DESC_OFF 0x0000
@@ -43,6 +48,7 @@ static uint8_t *guest;             /* mmap'ed: an overrun hits a guard page or A
 static const uint8_t *in;
 static size_t in_len, in_pos;
 static int file_fd = -1;
+static unsigned long map_faults;   /* the mapping's guard counter */
 static struct vsd_uring *uring;
 
 static int take(uint8_t *b)
@@ -151,6 +157,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     if (file_fd < 0 || ftruncate(file_fd, FILE_SIZE))
         abort();
     uring = vsd_uring_new(4 * MAX_SIZE, -1, MAX_SIZE, &err);    /* NULL: no io_uring here */
+    if (vsd_sigbus_install())
+        abort();
     return 0;
 }
 
@@ -215,6 +223,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         l->num_blocks = FILE_SIZE / 512;
         l->max_transfer_bytes = 1 << 16;
         l->delay_ns = (k == 2) ? 1000 : 0;
+    }
+    uint8_t *map = NULL;
+    if (mode & 0x40) {                              /* the file LUN through a mapping */
+        map = mmap(NULL, FILE_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, file_fd, 0);
+        if (map == MAP_FAILED || vsd_guard_add_counted(map, FILE_SIZE, &map_faults))
+            abort();
+        q.luns[1].map = map;
+        q.luns[1].map_faults = &map_faults;
+        q.luns[1].flags |= LUN_MAP_WRITE;
+        if ((mode & 0x20) && ftruncate(file_fd, 0))  /* every page of the mapping faults */
+            abort();
     }
     if (mode & 0x80) {                              /* start from well-formed requests */
         uint8_t n = 0;
@@ -313,6 +332,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             break;
         }
         check(&q, used0, pushes);
+        if (q.luns[1].map && stats.q.map_faults)
+            FAIL("the mapping faulted (%lu) and is still used", map_faults);
     }
     /* Stop: wait for io_uring, finish what the reference path holds, publish. */
     {
@@ -333,5 +354,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     for (k = 0; k < qsize; k++)
         if (hstate[k] == VSD_HEAD_DONE)
             FAIL("head %u left unpublished", k);
+    if (map) {
+        vsd_guard_remove(map);
+        munmap(map, FILE_SIZE);
+        if (ftruncate(file_fd, FILE_SIZE))
+            abort();
+    }
     return 0;
 }

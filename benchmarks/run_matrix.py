@@ -512,6 +512,36 @@ def fill_image(path: Path, size: int) -> None:
             f.write(chunk)
 
 
+def tmpfs_backends(img: Path, base: Path, builds=()) -> list[Backend]:
+    """The tmpfs rows' daemons: vscsid (null and the file, and ``builds``: other builds of
+    it, --build) and qemu-storage-daemon's configurations, when it is installed."""
+    backends = [
+        vscsid_backend("vscsid-null", f"null:{IMAGE_SIZE}", base, note="null LUN (reads zero-filled)"),
+        vscsid_backend("vscsid-file", str(img), base, note="256 MiB file on tmpfs"),
+        *(build_backend(spec, str(img), base) for spec in builds),
+    ]
+    if shutil.which("qemu-storage-daemon") is not None:
+        # locking=off: with --side-by-side they share the image (QEMU would refuse a second
+        # writer); it changes nothing on the data path.
+        backends += [
+            qsd_backend("qsd-null", f"driver=null-co,node-name=disk,size={IMAGE_SIZE},read-zeroes=on",
+                        base, note="null-co, read-zeroes=on"),
+            qsd_backend("qsd-threads", f"driver=file,node-name=disk,filename={img},aio=threads,locking=off,"
+                                       "cache.direct=off", base, note="file, aio=threads"),
+            qsd_backend("qsd-io_uring", f"driver=file,node-name=disk,filename={img},aio=io_uring,locking=off,"
+                                        "cache.direct=off", base, note="file, aio=io_uring"),
+            qsd_backend("qsd-native", f"driver=file,node-name=disk,filename={img},aio=native,locking=off,"
+                                      "cache.direct=on", base, note="file, aio=native, O_DIRECT"),
+            qsd_backend("qsd-native-iothread", f"driver=file,node-name=disk,filename={img},"
+                                               "aio=native,cache.direct=on,locking=off", base, iothread=True,
+                        note="file, aio=native, O_DIRECT, iothread (adaptive polling)"),
+            qsd_backend("qsd-io_uring-iothread", f"driver=file,node-name=disk,filename={img},"
+                                                 "aio=io_uring,cache.direct=off,locking=off", base, iothread=True,
+                        note="file, aio=io_uring, iothread (adaptive polling)"),
+        ]
+    return backends
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=4.0, help="measured seconds per run (default 4)")
@@ -581,31 +611,7 @@ def main(argv: list[str] | None = None) -> int:
                  "backends": {}, "matrix": [], "disk": [], "delay": [], "network": [],
                  "loopback": []}
 
-    have_qsd = shutil.which("qemu-storage-daemon") is not None
-    backends = [
-        vscsid_backend("vscsid-null", f"null:{IMAGE_SIZE}", base, note="null LUN (reads zero-filled)"),
-        vscsid_backend("vscsid-file", str(img), base, note="256 MiB file on tmpfs"),
-        *(build_backend(spec, str(img), base) for spec in args.build),
-    ]
-    if have_qsd:
-        # locking=off: with --side-by-side they share the image (QEMU would refuse a second
-        # writer); it changes nothing on the data path.
-        backends += [
-            qsd_backend("qsd-null", f"driver=null-co,node-name=disk,size={IMAGE_SIZE},read-zeroes=on",
-                        base, note="null-co, read-zeroes=on"),
-            qsd_backend("qsd-threads", f"driver=file,node-name=disk,filename={img},aio=threads,locking=off,"
-                                       "cache.direct=off", base, note="file, aio=threads"),
-            qsd_backend("qsd-io_uring", f"driver=file,node-name=disk,filename={img},aio=io_uring,locking=off,"
-                                        "cache.direct=off", base, note="file, aio=io_uring"),
-            qsd_backend("qsd-native", f"driver=file,node-name=disk,filename={img},aio=native,locking=off,"
-                                      "cache.direct=on", base, note="file, aio=native, O_DIRECT"),
-            qsd_backend("qsd-native-iothread", f"driver=file,node-name=disk,filename={img},"
-                                               "aio=native,cache.direct=on,locking=off", base, iothread=True,
-                        note="file, aio=native, O_DIRECT, iothread (adaptive polling)"),
-            qsd_backend("qsd-io_uring-iothread", f"driver=file,node-name=disk,filename={img},"
-                                                 "aio=io_uring,cache.direct=off,locking=off", base, iothread=True,
-                        note="file, aio=io_uring, iothread (adaptive polling)"),
-        ]
+    backends = tmpfs_backends(img, base, args.build)
     if only:
         backends = [b for b in backends if b.name in only]
 

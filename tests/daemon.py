@@ -38,6 +38,10 @@ class Daemon:
     def events(self, name: str) -> list[dict]:
         return [r for r in self.log_records() if r.get("event") == name]
 
+    def ring_stopped(self, queue: int = 0) -> dict:
+        """A queue's worker counters, from its last ring_stopped line."""
+        return [r for r in self.events("ring_stopped") if r.get("queue") == queue][-1]
+
     def wait_for_log(self, event: str, timeout: float = WAIT, count: int = 1, **match) -> dict:
         def hit():
             hits = [r for r in self.events(event) if all(r.get(k) == v for k, v in match.items())]

@@ -12,11 +12,6 @@ from .test_daemon_io import guest_factory  # noqa: F401  (fixture)
 pytestmark = pytest.mark.timeout(120)
 
 
-def _ring_stopped(d) -> dict:
-    """The request queue's worker counters, from its last ring_stopped line."""
-    return [r for r in d.events("ring_stopped") if r.get("queue") == 0][-1]
-
-
 @pytest.mark.parametrize("aio", ["auto", "sync"])
 def test_slow_lun_keeps_requests_in_flight(start_daemon, guest_factory, aio):  # noqa: F811
     d = start_daemon("--lun", f"null:64M,delay_us=50000,aio={aio}", "--lun", "null:64M")
@@ -39,7 +34,7 @@ def test_slow_lun_keeps_requests_in_flight(start_daemon, guest_factory, aio):  #
     assert order[0] is fast
     assert set(order[1:]) == set(slow)
     assert g.fe.get_vring_base(2) == base + 17
-    stopped = _ring_stopped(d)
+    stopped = d.ring_stopped()
     in_flight = max(stopped.get("max_inflight", 0), stopped.get("c_max_in_flight", 0))
     assert in_flight >= 16, stopped
 
@@ -65,7 +60,7 @@ def test_a_long_pass_publishes_its_completions_as_it_goes(start_daemon, guest_fa
             assert q.wait_used(10)
     assert set(done) == set(hs) and all(h.response.status == 0 for h in hs)
     assert g.fe.get_vring_base(2) == base + 32
-    stopped = _ring_stopped(d)
+    stopped = d.ring_stopped()
     # Every earlier request (the unit attentions' clearing) was one pass, one publication.
     earlier = stopped["requests"] - 32
     assert stopped["c_batches"] - earlier == 32 // 8, stopped

@@ -7,6 +7,8 @@ buffers and offsets that are not aligned for O_DIRECT."""
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 
 import pytest
 
@@ -35,7 +37,7 @@ def slow_device():
 def ring_stats(d, g) -> dict:
     """Stop the request ring (GET_VRING_BASE) and return the worker's counters."""
     g.fe.get_vring_base(2)
-    return [r for r in d.events("ring_stopped") if r.get("queue") == 0][-1]
+    return d.ring_stopped()
 
 
 def run(b, q, handles):
@@ -245,7 +247,6 @@ def test_memory_file_writes_keep_its_mtime_current(start_daemon, guest_factory, 
     g = guest_factory(d)
     assert g.command(vs.write10(0, 8), data_out=os.urandom(4096)).response.ok
     os.utime(memory_file, (946684800, 946684800))               # 2000-01-01
-    import time
     time.sleep(1.2)
     payload = os.urandom(4096)
     assert g.command(vs.write10(0, 8), data_out=payload).response.ok   # the same page
@@ -285,7 +286,6 @@ def test_memory_file_truncated_under_the_lun_loses_no_write(start_daemon, guest_
 @pytest.fixture
 def full_tmpfs(tmp_path):
     """A 1 MiB tmpfs, full, holding a 4 MiB sparse file whose first MiB is data."""
-    import subprocess
     mnt = tmp_path / "tmpfs"
     mnt.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "vscsid-test", str(mnt)],
